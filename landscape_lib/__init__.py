@@ -1,0 +1,8 @@
+"""landscape_lib: the shared library of the Loss Landscape Book.
+
+One module per concept (see DESIGN.md): ``config`` (profiles, devices, seeds), ``data``,
+``models``, ``params`` (weights as dicts, ``functional_call``), ``directions``, ``landscape``
+(lines and planes), ``train``, ``claims``, ``viz``; ``python -m landscape_lib`` runs chapters
+and builds the book.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,157 @@
+"""Predictive metrics and ensembles: accuracy, NLL, ECE, Brier, reliability, disagreement,
+temperature scaling, and averaging the predictions of several models.
+
+Every metric takes class probabilities ``probs [N, K]`` (rows sum to one) and labels ``y [N]``:
+
+* accuracy — ``mean 1[argmax p = y]``;
+* NLL — ``−mean log p_y`` (probabilities clamped at 1e-12);
+* Brier score — ``mean Σ_k (p_k − 1[y = k])²`` (the multi-class form, in [0, 2]);
+* ECE (Guo et al. 2017; Naeini et al. 2015) — split the confidences ``max_k p_k`` into
+  ``n_bins`` equal-width bins ``B_m`` on [0, 1] and take
+  ``Σ_m |B_m|/N · |acc(B_m) − conf(B_m)|`` (15 bins by default, as in the SWAG and FGE code);
+  :func:`reliability` returns the per-bin data for a reliability diagram;
+* disagreement — the fraction of inputs on which two members' top classes differ.
+
+An ensemble's prediction is the **mean of its members' probabilities** (not of their logits),
+as in the FGE, SWAG and deep-ensembles code: :func:`average` and :class:`ProbabilityAverager`.
+
+Temperature scaling (Guo et al. 2017) fits one scalar ``T > 0`` minimising the NLL of
+``softmax(logits / T)`` on held-out data (:func:`fit_temperature`, L-BFGS on ``log T``).
+
+These are small enough to write once here; the tests check them against scikit-learn's
+``log_loss`` / ``accuracy_score`` and against hand-computed cases.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def _check(probs: torch.Tensor, y: torch.Tensor) -> None:
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
+    if y.shape != probs.shape[:1]:
+        raise ValueError(f"labels must be [N] = [{probs.shape[0]}], got {tuple(y.shape)}")
+    if probs.shape[0] == 0:
+        raise ValueError("no predictions to score")
+
+
+def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of inputs whose most probable class is the label."""
+    _check(probs, y)
+    return float((probs.argmax(1) == y).float().mean())
+
+
+def nll(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the labels."""
+    _check(probs, y)
+    p = probs.gather(1, y[:, None]).squeeze(1).clamp_min(1e-12)
+    return float(-p.double().log().mean())
+
+
+def brier(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Multi-class Brier score ``mean Σ_k (p_k − 1[y = k])²``."""
+    _check(probs, y)
+    onehot = torch.nn.functional.one_hot(y, probs.shape[1]).to(probs.dtype)
+    return float(((probs - onehot) ** 2).sum(1).double().mean())
+
+
+def reliability(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
+    """Per-bin confidence, accuracy and count for equal-width confidence bins on [0, 1].
+
+    Bins are ``(m/n, (m+1)/n]`` (the first also takes 0); empty bins have NaN accuracy and
+    confidence.
+    """
+    _check(probs, y)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf, pred = probs.max(1)
+    correct = (pred == y).double()
+    conf = conf.double()
+    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    counts = torch.bincount(idx, minlength=n_bins).double()
+    sum_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf)
+    sum_acc = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, correct)
+    nan = torch.full_like(counts, float("nan"))
+    return {"edges": torch.linspace(0, 1, n_bins + 1).tolist(),
+            "confidence": torch.where(counts > 0, sum_conf / counts.clamp_min(1), nan).tolist(),
+            "accuracy": torch.where(counts > 0, sum_acc / counts.clamp_min(1), nan).tolist(),
+            "count": counts.long().tolist()}
+
+
+def ece(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error with ``n_bins`` equal-width bins."""
+    r = reliability(probs, y, n_bins)
+    n = sum(r["count"])
+    return float(sum(c / n * abs(a - f) for c, a, f in zip(r["count"], r["accuracy"], r["confidence"])
+                     if c > 0))
+
+
+def metrics(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, NLL, ECE and Brier score in one dict."""
+    return {"acc": accuracy(probs, y), "nll": nll(probs, y), "ece": ece(probs, y, n_bins),
+            "brier": brier(probs, y)}
+
+
+def average(member_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The ensemble prediction: the mean of the members' probabilities."""
+    if len(member_probs) == 0:
+        raise ValueError("an ensemble needs at least one member")
+    return torch.stack(list(member_probs)).mean(0)
+
+
+def disagreement(probs_a: torch.Tensor, probs_b: torch.Tensor) -> float:
+    """Fraction of inputs on which two models predict different classes."""
+    if probs_a.shape != probs_b.shape:
+        raise ValueError(f"shapes differ: {tuple(probs_a.shape)} vs {tuple(probs_b.shape)}")
+    return float((probs_a.argmax(1) != probs_b.argmax(1)).float().mean())
+
+
+def mean_disagreement(member_probs: Sequence[torch.Tensor]) -> float:
+    """Mean pairwise disagreement over all pairs of members (0 for a single member)."""
+    m = len(member_probs)
+    if m < 2:
+        return 0.0
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    return sum(disagreement(member_probs[i], member_probs[j]) for i, j in pairs) / len(pairs)
+
+
+class ProbabilityAverager:
+    """Running mean of members' probabilities (e.g. FGE snapshots, SWAG samples)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, probs: torch.Tensor) -> None:
+        """Add one member's probabilities."""
+        p = probs.detach().double()
+        if self.total is not None and p.shape != self.total.shape:
+            raise ValueError(f"member has shape {tuple(p.shape)}, ensemble {tuple(self.total.shape)}")
+        self.total = p.clone() if self.total is None else self.total + p
+        self.count += 1
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The ensemble's probabilities so far."""
+        if self.total is None:
+            raise ValueError("no member added yet")
+        return (self.total / self.count).float()
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017)."""
+    _check(logits, y)
+    logits = logits.detach().double()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp())

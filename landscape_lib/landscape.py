@@ -1,0 +1,314 @@
+"""Loss along lines and over planes in weight space, and the summaries the papers read off them.
+
+A landscape is the loss evaluated at many weight-space points
+
+.. math::  θ(c) = θ^* + \\sum_i c_i\\, d_i ,\\qquad f(c) = L(θ(c)) ,
+
+with ``c = α`` on a line (one direction) and ``c = (α, β)`` on a plane (two). Each point needs
+one forward pass over a fixed evaluation set (a training subset: the same points everywhere,
+so the surface is deterministic). Two strategies compute the same numbers:
+
+* ``loop`` — one ``torch.func.functional_call`` per point into a preallocated weight buffer.
+  For tiny models on one CPU thread this is already near the FLOP floor: a 41×41 plane over a
+  40-100-100-10 MLP on 1000 points is 1681 small matrix products.
+* ``vmap`` — stack a chunk of points ``θ[m] = θ* + C[m]·D`` (one ``einsum`` per tensor) and map
+  the model over them with ``torch.func.vmap``. On a GPU, where small models are launch-bound,
+  this is what makes planes cheap; on one CPU thread the extra memory traffic makes it slower.
+
+``strategy="auto"`` takes ``vmap`` on CUDA and ``loop`` elsewhere (measured, see the tests and
+the README's benchmark). BatchNorm is explicit: ``bn="keep"`` evaluates in eval mode with the
+centre's running statistics; ``bn="recompute"`` re-estimates them at every point on
+``bn_data`` (a loop, since it runs the model in train mode).
+
+Shape summaries (Vlaar & Frankle 2022; Li et al. 2018; Garipov et al. 2018): :func:`max_rise`,
+:func:`is_monotone`, :func:`barrier`, :func:`nonconvex_fraction`, :func:`sharpness`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from . import params as P
+
+BN_MODES = ("keep", "recompute")
+STRATEGIES = ("auto", "loop", "vmap")
+
+Weights = Mapping[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def grid(radius: float, n: int) -> np.ndarray:
+    """``n`` equally spaced coefficients on ``[−radius, radius]``."""
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    if n < 1:
+        raise ValueError(f"a grid needs at least one point, got n={n}")
+    return np.linspace(-radius, radius, n)
+
+
+def _coeffs(values, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: a grid needs at least one point")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values")
+    return arr
+
+
+def resolve_strategy(strategy: str, device: torch.device, bn: str) -> str:
+    """Pick ``loop`` or ``vmap`` (see the module docstring) and check the combination."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
+    if bn not in BN_MODES:
+        raise ValueError(f"unknown bn mode {bn!r}; valid bn modes: {', '.join(BN_MODES)}")
+    if bn == "recompute":
+        if strategy == "vmap":
+            raise ValueError("bn='recompute' runs the model in train mode at every point and "
+                             "needs strategy 'loop' (or 'auto')")
+        return "loop"
+    if strategy == "auto":
+        return "vmap" if device.type == "cuda" else "loop"
+    return strategy
+
+
+@dataclass
+class Points:
+    """Loss and accuracy at a list of weight-space points (NumPy arrays, one entry per point)."""
+
+    loss: np.ndarray
+    acc: np.ndarray
+
+
+def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
+             coeffs: np.ndarray, x: torch.Tensor, y: torch.Tensor, *,
+             loss_fn: LossFn = F.cross_entropy, bn: str = "keep", bn_data: torch.Tensor | None = None,
+             strategy: str = "auto", chunk_size: int | None = None) -> Points:
+    """Loss and accuracy at ``center + Σ_i coeffs[p, i]·directions[i]`` for every row ``p``.
+
+    ``loss_fn`` must return the mean loss over a batch (like ``F.cross_entropy``).
+    """
+    coeffs = np.asarray(coeffs, dtype=np.float64)
+    if coeffs.ndim != 2 or coeffs.shape[1] != len(directions):
+        raise ValueError(f"coeffs must have shape [points, {len(directions)}], got {coeffs.shape}")
+    if coeffs.shape[0] == 0:
+        raise ValueError("no points to evaluate: a grid needs at least one point")
+    for d in directions:
+        missing = set(d) - set(center)
+        if missing:
+            raise KeyError(f"direction has keys the centre lacks: {sorted(missing)[:5]}")
+    device = next(iter(center.values())).device
+    how = resolve_strategy(strategy, device, bn)
+    if bn == "recompute" and bn_data is None:
+        raise ValueError("bn='recompute' needs bn_data (training inputs to re-estimate statistics)")
+    was_training = model.training
+    model.eval()
+    try:
+        if how == "vmap":
+            return _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn,
+                                  chunk_size or 256)
+        return _evaluate_loop(model, center, directions, coeffs, x, y, loss_fn, bn, bn_data)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _evaluate_loop(model, center, directions, coeffs, x, y, loss_fn, bn, bn_data) -> Points:
+    work = copy.deepcopy(model) if bn == "recompute" else model
+    buffers = dict(work.named_buffers())
+    theta = {k: v.clone() for k, v in center.items()}  # preallocated point, rewritten in place
+    losses = torch.empty(len(coeffs), dtype=torch.float64)
+    accs = torch.empty(len(coeffs), dtype=torch.float64)
+    for p, row in enumerate(coeffs):
+        for k, c in center.items():
+            t = theta[k]
+            t.copy_(c)
+            for d, a in zip(directions, row):
+                if a != 0.0 and k in d:
+                    t.add_(d[k], alpha=float(a))
+        if bn == "recompute":
+            P.load(work, theta)
+            P.recompute_bn(work, bn_data)
+            work.eval()
+            out = work(x)
+        else:
+            out = functional_call(work, ({**buffers, **theta},), (x,), tie_weights=False)
+        losses[p] = loss_fn(out, y).item()
+        accs[p] = (out.argmax(1) == y).float().mean().item()
+    return Points(losses.numpy(), accs.numpy())
+
+
+@torch.no_grad()
+def _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn, chunk_size) -> Points:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    buffers = dict(model.named_buffers())
+    dtype = next(iter(center.values())).dtype
+    device = next(iter(center.values())).device
+    # D[k]: [n_dirs, *shape] (zeros where a direction leaves a tensor alone)
+    stacked = {k: torch.stack([d[k] if k in d else torch.zeros_like(c) for d in directions])
+               for k, c in center.items()}
+
+    def logits(theta):
+        return functional_call(model, ({**buffers, **theta},), (x,), tie_weights=False)
+
+    batched = vmap(logits)
+    batched_loss = vmap(loss_fn, in_dims=(0, None))
+    losses, accs = [], []
+    for start in range(0, len(coeffs), chunk_size):
+        cm = torch.as_tensor(coeffs[start:start + chunk_size], dtype=dtype, device=device)
+        # θ[m] = θ* + Σ_i C[m, i] D_i  for every tensor, as one contraction
+        theta = {k: center[k].unsqueeze(0) + torch.tensordot(cm, stacked[k], dims=1)
+                 for k in center}
+        out = batched(theta)  # [m, N, classes]
+        losses.append(batched_loss(out, y).double().cpu())
+        accs.append((out.argmax(-1) == y).double().mean(1).cpu())
+    return Points(torch.cat(losses).numpy(), torch.cat(accs).numpy())
+
+
+@dataclass
+class Line:
+    """A 1-D slice: ``loss[i] = L(center + alphas[i]·direction)``."""
+
+    alphas: np.ndarray
+    loss: np.ndarray
+    acc: np.ndarray
+
+
+@dataclass
+class Surface:
+    """A 2-D slice: ``loss[j, i] = L(center + alphas[i]·d1 + betas[j]·d2)`` (rows are β)."""
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    loss: np.ndarray
+    acc: np.ndarray
+
+
+def line(model: nn.Module, center: Weights, direction: Weights, alphas, x: torch.Tensor,
+         y: torch.Tensor, **kwargs) -> Line:
+    """Loss and accuracy along ``center + α·direction`` for each α (see :func:`evaluate`)."""
+    a = _coeffs(alphas, "alphas")
+    pts = evaluate(model, center, [direction], a[:, None], x, y, **kwargs)
+    return Line(a, pts.loss, pts.acc)
+
+
+def plane(model: nn.Module, center: Weights, d1: Weights, d2: Weights, alphas, betas,
+          x: torch.Tensor, y: torch.Tensor, **kwargs) -> Surface:
+    """Loss and accuracy over ``center + α·d1 + β·d2`` on the grid ``betas × alphas``."""
+    a, b = _coeffs(alphas, "alphas"), _coeffs(betas, "betas")
+    aa, bb = np.meshgrid(a, b)  # [len(b), len(a)]
+    coeffs = np.stack([aa.ravel(), bb.ravel()], 1)
+    pts = evaluate(model, center, [d1, d2], coeffs, x, y, **kwargs)
+    shape = (len(b), len(a))
+    return Surface(a, b, pts.loss.reshape(shape), pts.acc.reshape(shape))
+
+
+@torch.no_grad()
+def states(model: nn.Module, points: Sequence[Mapping[str, torch.Tensor]], x: torch.Tensor,
+           y: torch.Tensor, *, loss_fn: LossFn = F.cross_entropy, bn: str = "keep",
+           bn_data: torch.Tensor | None = None) -> Points:
+    """Loss and accuracy at arbitrary weight dicts (which may carry buffers too).
+
+    For paths that are not straight lines in one set of coordinates: interpolations that carry
+    BatchNorm buffers along (Li et al.'s ``dir_type=states``), points on curves. ``bn`` as in
+    :func:`evaluate`: ``keep`` uses the buffers in each point (or the model's), ``recompute``
+    re-estimates them at each point on ``bn_data``.
+    """
+    if not points:
+        raise ValueError("no points to evaluate: a path needs at least one point")
+    if bn not in BN_MODES:
+        raise ValueError(f"unknown bn mode {bn!r}; valid bn modes: {', '.join(BN_MODES)}")
+    if bn == "recompute" and bn_data is None:
+        raise ValueError("bn='recompute' needs bn_data (training inputs to re-estimate statistics)")
+    work = copy.deepcopy(model)
+    losses, accs = [], []
+    for point in points:
+        P.load(work, point)
+        if bn == "recompute":
+            P.recompute_bn(work, bn_data)
+        work.eval()
+        out = work(x)
+        losses.append(loss_fn(out, y).item())
+        accs.append((out.argmax(1) == y).float().mean().item())
+    return Points(np.array(losses), np.array(accs))
+
+
+# --- shape summaries -------------------------------------------------------------------------
+
+def max_rise(values) -> float:
+    """``max_k [L_k − min_{j≤k} L_j]``: the largest climb above the best value seen so far.
+
+    Zero for a path that never goes up (Vlaar & Frankle's non-monotonicity measure).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("empty path")
+    return float(np.max(v - np.minimum.accumulate(v)))
+
+
+def is_monotone(values, tol: float = 1e-3) -> bool:
+    """Whether ``L(α_{k+1}) ≤ L(α_k) + tol`` for every step (non-increasing up to ``tol``)."""
+    if tol < 0:
+        raise ValueError(f"tolerance must be non-negative, got {tol}")
+    v = np.asarray(values, dtype=np.float64)
+    return bool(np.all(np.diff(v) <= tol))
+
+
+def barrier(alphas, values) -> float:
+    """``max_α [L(α) − ((1−α)L(0) + αL(1))]`` on a path sampled at ``alphas`` ⊂ [0, 1].
+
+    The height of the bump above the straight chord between the endpoints (Garipov et al.'s
+    and Frankle et al.'s loss barrier); ≤ 0 means no barrier.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if a.shape != v.shape or a.size < 2:
+        raise ValueError("barrier needs matching alphas and values with at least two points")
+    i0, i1 = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(a - 1.0)))
+    if abs(a[i0]) > 1e-9 or abs(a[i1] - 1.0) > 1e-9:
+        raise ValueError("barrier needs the endpoints α = 0 and α = 1 among the alphas")
+    inside = (a >= 0) & (a <= 1)
+    chord = (1 - a) * v[i0] + a * v[i1]
+    return float(np.max((v - chord)[inside]))
+
+
+def nonconvex_fraction(surface: Surface, rel: float = 0.05) -> float:
+    """Share of interior grid points where the surface is locally non-convex.
+
+    At each interior point the 2×2 Hessian of ``f(α, β)`` is estimated by central finite
+    differences (``f_αα, f_ββ, f_αβ`` on the grid spacing); the point counts as non-convex when
+    ``λ_min < −rel·|λ_max|`` (Li et al. map ``|λ_min/λ_max|`` with Lanczos; this is the grid
+    version of the same test).
+    """
+    f = np.asarray(surface.loss, dtype=np.float64)
+    if f.shape[0] < 3 or f.shape[1] < 3:
+        raise ValueError("non-convex fraction needs a grid of at least 3×3 points")
+    ha = float(np.mean(np.diff(surface.alphas)))
+    hb = float(np.mean(np.diff(surface.betas)))
+    c = f[1:-1, 1:-1]
+    faa = (f[1:-1, 2:] - 2 * c + f[1:-1, :-2]) / ha ** 2
+    fbb = (f[2:, 1:-1] - 2 * c + f[:-2, 1:-1]) / hb ** 2
+    fab = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / (4 * ha * hb)
+    mean = (faa + fbb) / 2
+    root = np.sqrt(((faa - fbb) / 2) ** 2 + fab ** 2)
+    lmax, lmin = mean + root, mean - root
+    bad = lmin < -rel * np.abs(lmax)
+    return float(bad.mean())
+
+
+def sharpness(ln: Line, radius: float) -> float:
+    """Mean rise ``½[f(−r) + f(r)] − f(0)`` of a 1-D slice (linear interpolation on the grid)."""
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    a = ln.alphas
+    if radius > max(abs(a[0]), abs(a[-1])) + 1e-12:
+        raise ValueError(f"radius {radius} lies outside the slice [{a[0]}, {a[-1]}]")
+    f = lambda t: float(np.interp(t, a, ln.loss))  # noqa: E731
+    return 0.5 * (f(-radius) + f(radius)) - f(0.0)

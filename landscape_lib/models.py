@@ -1,0 +1,301 @@
+"""Models: plain ``nn.Module`` s, named so that layer-wise experiments read well.
+
+* :class:`MLP` — ``in → hidden… → classes`` with optional batch/layer/group norm. Layers are
+  named ``fc1, bn1, fc2, …, out`` so parameter names say which layer they belong to.
+* :class:`CNN1d` — a small 1-D convolutional net for MNIST-1D.
+* :class:`ResMLP` — a residual MLP with a ``skip`` switch: the CPU-scale stand-in for Li et
+  al.'s ResNet vs ResNet-noshort experiment (``stem → nb × [Linear-Norm-ReLU-Linear-Norm
+  (+identity)] → ReLU → head``).
+* :class:`ResNet` — the CIFAR ResNet of He et al. (2016): depth ``6n+2``, stages of 16k, 32k and
+  64k channels (``width=k`` gives Wide-ResNet-style widening), ``skip=False`` for the
+  "noshort" variant of Li et al. (2018), ``norm`` in ``batch/group/layer/none``.
+* :class:`VGG` — VGG-9/11/16 for CIFAR, with or without batch norm.
+
+:func:`build` makes any of them by name and checks the name. Every model accepts inputs of any
+shape it can flatten or convolve; none needs special layers for the landscape tools, which
+work through ``torch.func.functional_call``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import nn
+
+NORMS = ("batch", "group", "layer", "none")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+MODELS = ("mlp", "cnn1d", "resmlp", "resnet", "vgg")
+
+
+def _check_norm(norm: str | None) -> str:
+    norm = "none" if norm is None else norm
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    return norm
+
+
+def _act(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid activations: "
+                         f"{', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def norm_1d(norm: str, features: int, groups: int = 8) -> nn.Module:
+    """A normalisation layer for ``[B, features]`` activations (identity for ``"none"``)."""
+    norm = _check_norm(norm)
+    if norm == "batch":
+        return nn.BatchNorm1d(features)
+    if norm == "layer":
+        return nn.LayerNorm(features)
+    if norm == "group":
+        return nn.GroupNorm(min(groups, features), features)
+    return nn.Identity()
+
+
+def norm_2d(norm: str, channels: int, groups: int = 8) -> nn.Module:
+    """A normalisation layer for ``[B, C, H, W]`` maps; ``layer`` is GroupNorm with one group."""
+    norm = _check_norm(norm)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
+    if norm == "group":
+        return nn.GroupNorm(min(groups, channels), channels)
+    return nn.Identity()
+
+
+class MLP(nn.Sequential):
+    """Fully connected classifier ``in_dim → hidden[0] → … → n_classes``.
+
+    Each hidden layer is ``fc{i}`` (Linear), then ``bn{i}`` (the norm, if any), then
+    ``act{i}``. Inputs are flattened first, so images work too.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int] = (256, 256), n_classes: int = 10,
+                 norm: str | None = "none", act: str = "relu"):
+        norm = _check_norm(norm)
+        if in_dim < 1 or n_classes < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"layer sizes must be positive: in_dim={in_dim}, "
+                             f"hidden={tuple(hidden)}, n_classes={n_classes}")
+        layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+        prev = in_dim
+        for i, width in enumerate(hidden, start=1):
+            layers.append((f"fc{i}", nn.Linear(prev, width)))
+            if norm != "none":
+                layers.append((f"bn{i}" if norm == "batch" else f"norm{i}", norm_1d(norm, width)))
+            layers.append((f"act{i}", _act(act)))
+            prev = width
+        layers.append(("out", nn.Linear(prev, n_classes)))
+        super().__init__(OrderedDict(layers))
+
+
+class CNN1d(nn.Module):
+    """1-D convolutional classifier for sequences ``[B, L]`` or ``[B, C, L]``.
+
+    ``conv{i}``: Conv1d(kernel 5, stride 2, padding 2) → norm → ReLU, then a linear head on
+    the flattened features (the shape of Greydanus's MNIST-1D ConvBase).
+    """
+
+    def __init__(self, length: int = 40, channels: Sequence[int] = (32, 32, 32),
+                 n_classes: int = 10, in_channels: int = 1, norm: str | None = "none"):
+        super().__init__()
+        norm = _check_norm(norm)
+        self.in_channels = in_channels
+        blocks: list[tuple[str, nn.Module]] = []
+        prev, size = in_channels, length
+        for i, c in enumerate(channels, start=1):
+            blocks.append((f"conv{i}", nn.Conv1d(prev, c, 5, stride=2, padding=2)))
+            if norm == "batch":
+                blocks.append((f"bn{i}", nn.BatchNorm1d(c)))
+            elif norm != "none":
+                blocks.append((f"norm{i}", nn.GroupNorm(1 if norm == "layer" else min(8, c), c)))
+            blocks.append((f"act{i}", nn.ReLU()))
+            prev, size = c, (size + 1) // 2
+        self.features = nn.Sequential(OrderedDict(blocks))
+        self.out = nn.Linear(prev * size, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        return self.out(self.features(x).flatten(1))
+
+
+class ResidualBlock1d(nn.Module):
+    """``y = ReLU(f(x) + x)`` with ``f = Linear-Norm-ReLU-Linear-Norm``; without skip ``ReLU(f(x))``."""
+
+    def __init__(self, width: int, norm: str = "batch", skip: bool = True):
+        super().__init__()
+        self.skip = skip
+        self.fc1, self.bn1 = nn.Linear(width, width), norm_1d(norm, width)
+        self.fc2, self.bn2 = nn.Linear(width, width), norm_1d(norm, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(x)))))
+        return torch.relu(h + x if self.skip else h)
+
+
+class ResMLP(nn.Module):
+    """Residual MLP: ``stem (Linear-Norm-ReLU) → n_blocks × ResidualBlock1d → head``.
+
+    It has ``2·n_blocks + 2`` weight layers; ``skip=False`` removes every identity shortcut
+    (Li et al.'s "noshort" networks), which is what makes deep plain nets chaotic.
+    """
+
+    def __init__(self, in_dim: int, width: int = 48, n_blocks: int = 2, n_classes: int = 10,
+                 norm: str = "batch", skip: bool = True):
+        super().__init__()
+        if n_blocks < 0 or width < 1:
+            raise ValueError(f"need n_blocks >= 0 and width >= 1, got {n_blocks}, {width}")
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, width), norm_1d(norm, width),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(*[ResidualBlock1d(width, norm, skip) for _ in range(n_blocks)])
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with norm; shortcut = identity, or 1x1 conv + norm on a shape change."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, skip: bool):
+        super().__init__()
+        self.skip = skip
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=norm == "none")
+        self.bn1 = norm_2d(norm, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=norm == "none")
+        self.bn2 = norm_2d(norm, c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if skip and (stride != 1 or c_in != c_out):
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          norm_2d(norm, c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(h + self.shortcut(x) if self.skip else h)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016): ``depth = 6n + 2`` (20, 32, 44, 56, 110, …).
+
+    ``width`` multiplies the stage widths 16/32/64 (``width=4, depth=16`` is close to WRN-16-4,
+    but with post-activation blocks), ``skip=False`` gives the no-shortcut network of Li et al.
+    """
+
+    def __init__(self, depth: int = 20, n_classes: int = 10, width: int = 1,
+                 norm: str = "batch", skip: bool = True, in_channels: int = 3):
+        super().__init__()
+        norm = _check_norm(norm)
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, "
+                             f"110, ...), got {depth}")
+        n = (depth - 2) // 6
+        widths = [16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, 16 * width, 3, 1, 1, bias=norm == "none")
+        self.bn1 = norm_2d(norm, 16 * width)
+        stages, c_in = [], 16 * width
+        for s, c in enumerate(widths):
+            blocks = [BasicBlock(c_in if b == 0 else c, c, 2 if (b == 0 and s > 0) else 1, norm, skip)
+                      for b in range(n)]
+            stages.append(nn.Sequential(*blocks))
+            c_in = c
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(widths[-1], n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.layer3(self.layer2(self.layer1(h)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+VGG_CONFIGS = {
+    9: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, "M"],
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+         512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG for 32x32 inputs: conv stacks from :data:`VGG_CONFIGS`, then a 512-512-classes head.
+
+    VGG-9 is Li et al.'s (7 conv + 2 linear layers; the 9 counts weight layers); VGG-11/16 are
+    Simonyan & Zisserman's configurations A and D as used by the SWA/FGE code.
+    """
+
+    def __init__(self, depth: int = 16, n_classes: int = 10, norm: str = "batch",
+                 in_channels: int = 3):
+        super().__init__()
+        norm = _check_norm(norm)
+        if depth not in VGG_CONFIGS:
+            raise ValueError(f"unknown VGG depth {depth}; valid depths: "
+                             f"{', '.join(map(str, VGG_CONFIGS))}")
+        layers, c = [], in_channels
+        for v in VGG_CONFIGS[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), norm_2d(norm, v), nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)
+        head_hidden = 512
+        if depth == 9:
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, head_hidden), nn.ReLU(),
+                                            nn.Linear(head_hidden, n_classes))
+        else:
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, head_hidden), nn.ReLU(),
+                                            nn.Linear(head_hidden, head_hidden), nn.ReLU(),
+                                            nn.Linear(head_hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build(name: str, *, input_shape: Sequence[int], n_classes: int, **kwargs) -> nn.Module:
+    """Make a model by name for inputs of ``input_shape`` (one example, no batch dimension).
+
+    >>> build("mlp", input_shape=(40,), n_classes=10, hidden=(100, 100))
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    shape = tuple(input_shape)
+    flat = 1
+    for s in shape:
+        flat *= s
+    if name == "mlp":
+        return MLP(flat, n_classes=n_classes, **kwargs)
+    if name == "resmlp":
+        return ResMLP(flat, n_classes=n_classes, **kwargs)
+    if name == "cnn1d":
+        length = shape[-1]
+        in_ch = shape[0] if len(shape) == 2 else 1
+        return CNN1d(length=length, in_channels=in_ch, n_classes=n_classes, **kwargs)
+    if len(shape) != 3:
+        raise ValueError(f"model {name!r} needs image inputs (C, H, W), got input_shape {shape}")
+    if name == "resnet":
+        return ResNet(n_classes=n_classes, in_channels=shape[0], **kwargs)
+    return VGG(n_classes=n_classes, in_channels=shape[0], **kwargs)
+
+
+@torch.no_grad()
+def scale_init(model: nn.Module, scale: float) -> nn.Module:
+    """Multiply every weight matrix/kernel (not biases, not norm layers) by ``scale``, in place.
+
+    Used to vary the initialisation scale (Vlaar & Frankle 2022); returns the model.
+    """
+    if scale <= 0:
+        raise ValueError(f"init scale must be positive, got {scale}")
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            m.weight.mul_(scale)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -142,13 +142,36 @@ def _execute(args) -> int:
                             cwd=str(Path(args.input).parent), progress_bar=False,
                             log_output=False, request_save_on_cell_execute=False)
     except pm.PapermillExecutionError as exc:
-        status = {"status": "failed", "cell": exc.exec_count, "cell_index": exc.cell_index,
+        cell, line = _source_cell(Path(args.output), exc.cell_index)
+        status = {"status": "failed", "cell": cell, "code": line,
                   "error": f"{exc.ename}: {exc.evalue}".strip()[:2000]}
     except Exception as exc:  # kernel died, notebook unreadable, ...
         status = {"status": "failed", "cell": None, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     status["seconds"] = round(time.time() - t0, 2)
     Path(args.status).write_text(json.dumps(status))
     return 0 if status["status"] == "ok" else 1
+
+
+def _source_cell(executed: Path, index: int) -> tuple[int, str]:
+    """1-based number of the failing cell in the *source* notebook, and its first code line.
+
+    The executed notebook has cells the source lacks (papermill's injected parameters and, after
+    an error, its error banner), so the failing cell is found by its error output.
+    """
+    try:
+        cells = json.loads(executed.read_text())["cells"]
+        added = ("injected-parameters", "papermill-error-cell-tag")
+        source_cells = [c for c in cells
+                        if not any(t in c.get("metadata", {}).get("tags", []) for t in added)]
+        for i, c in enumerate(source_cells):
+            if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
+                src = "".join(c.get("source", ""))
+                line = next((l.strip() for l in src.splitlines()
+                             if l.strip() and not l.lstrip().startswith("#")), "")
+                return i + 1, line[:120]
+    except (OSError, ValueError, KeyError):
+        pass
+    return index + 1, ""
 
 
 def _chapter_env(profile: str, out: Path) -> dict:
@@ -208,6 +231,13 @@ def gather_claims(root: Path, out: Path) -> list:
     return recs
 
 
+def _show(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def cmd_run(args, root: Path | None = None) -> int:
     root = root or find_root()
     check_profile(args.profile)
@@ -215,12 +245,12 @@ def cmd_run(args, root: Path | None = None) -> int:
     if not todo:
         print("no chapters in _toc.yml")
         return 0
-    out = run_dir(root, args.profile, args.seed)
+    out = Path(args.out).resolve() if getattr(args, "out", None) else run_dir(root, args.profile, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     lib = library_digest()
     jobs = max(1, args.jobs or os.cpu_count() or 1)
     print(f"running {len(todo)} chapter(s), profile {args.profile}, seed {args.seed}, "
-          f"{min(jobs, len(todo))} at a time -> {out.relative_to(root)}", flush=True)
+          f"{min(jobs, len(todo))} at a time -> {_show(out, root)}", flush=True)
     failed = []
     width = max(len(c.slug) for c in todo)
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -234,13 +264,15 @@ def cmd_run(args, root: Path | None = None) -> int:
                 print(f"  {ch.slug:<{width}}  {tag:<7} {st['seconds']:7.1f} s", flush=True)
             else:
                 failed.append(ch.slug)
-                where = f"cell {st['cell']}" if st.get("cell") is not None else "no cell"
+                where = "no cell"
+                if st.get("cell") is not None:
+                    where = f"cell {st['cell']}" + (f": {st['code']}" if st.get("code") else "")
                 print(f"  {ch.slug:<{width}}  FAILED  {st['seconds']:7.1f} s  ({where}) "
                       f"{st['error']}", flush=True)
     recs = gather_claims(root, out)
     held = sum(r.holds for r in recs)
     print(f"{len(todo) - len(failed)} of {len(todo)} chapter(s) ran; {held} of {len(recs)} "
-          f"claims hold; records in {(out / 'claims.json').relative_to(root)}")
+          f"claims hold; records in {_show(out / 'claims.json', root)}")
     if failed:
         print("failed: " + ", ".join(failed))
         return 1
@@ -420,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="execute chapters with papermill")
     common(p)
+    p.add_argument("--out", default=None,
+                   help="run directory (default _build/runs/<profile>-seed<N>)")
     p.add_argument("chapters", nargs="*", metavar="CHAPTER", help="number (01) or slug prefix")
     p = sub.add_parser("build", help="run (cached) and build the HTML book")
     common(p)

@@ -224,7 +224,7 @@ def _divergence_message(epoch: int, step: int, loss, optimizer, what: str = "los
                                                                         "capturable",
                                                                         "differentiable",
                                                                         "maximize")}
-    value = float(loss) if not isinstance(loss, float) else loss
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     return (f"training diverged: non-finite {what} ({value}) at epoch {epoch}, step {step}; "
             f"{type(optimizer).__name__} with lr={lr}, hyperparameters {hyper}. "
             f"Try a smaller learning rate.")

@@ -1,0 +1,186 @@
+"""End to end: every chapter in `smoke` through the runner, twice (same numbers), then the book
+build and a headless-Chromium check that every chapter's figures draw and its sliders move."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from landscape_lib import __main__ as runner
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_BUDGET_S = 30  # DESIGN.md: each chapter <= 30 s in smoke on a 2-core machine
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args, timeout=3000):
+    return subprocess.run([sys.executable, "-m", "landscape_lib", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run():
+    proc = _run("run", "--profile", "smoke", "--force")
+    print(proc.stdout)
+    return proc
+
+
+def test_every_chapter_runs_in_smoke_within_budget(smoke_run):
+    assert smoke_run.returncode == 0, smoke_run.stdout + smoke_run.stderr
+    out = ROOT / "_build" / "runs" / "smoke-seed0"
+    chapters = runner.chapters(ROOT)
+    assert chapters, "no chapters in _toc.yml"
+    slow = {}
+    for ch in chapters:
+        status = json.loads((out / ".cache" / f"{ch.slug}.json").read_text())
+        assert status["status"] == "ok", (ch.slug, status)
+        if status["seconds"] > SMOKE_BUDGET_S:
+            slow[ch.slug] = status["seconds"]
+    assert not slow, f"chapters over the {SMOKE_BUDGET_S} s smoke budget: {slow}"
+
+
+def test_same_seed_gives_identical_claims(smoke_run, tmp_path):
+    assert smoke_run.returncode == 0
+    first = json.loads((ROOT / "_build/runs/smoke-seed0/claims.json").read_text())
+    proc = _run("run", "--profile", "smoke", "--force", "--out", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    second = json.loads((tmp_path / "again" / "claims.json").read_text())
+    assert first == second
+    assert {r["chapter"] for r in first} == {c.number for c in runner.chapters(ROOT)}
+
+
+@pytest.fixture(scope="session")
+def built_book(smoke_run):
+    assert smoke_run.returncode == 0, smoke_run.stdout
+    proc = _run("build", "--profile", "smoke")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    html = ROOT / "_build" / "html"
+    assert (html / "index.html").exists()
+    return html
+
+
+def test_book_has_every_chapter_and_the_scoreboard(built_book):
+    board = (built_book / "book" / "scoreboard.html").read_text()
+    for ch in runner.chapters(ROOT):
+        page = built_book / ch.rel.with_suffix(".html")
+        assert page.exists(), page
+        text = page.read_text()
+        assert "Plotly.newPlot" in text, f"{ch.slug}: no figure in the HTML"
+        assert 'PROFILE = "smoke"' not in text, f"{ch.slug}: injected parameters visible"
+        assert "plotly.min.js" in text and text.count("plotly.js v") == 0, ch.slug  # shipped once
+        assert runner.chapter_title(ch.path) in board
+    assert (built_book / "_static" / "plotly.min.js").exists()
+    assert "claims hold" in board
+
+
+# --- the browser -----------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser(built_book, tmp_path_factory):
+    if os.environ.get("LANDSCAPE_SKIP_BROWSER") == "1":
+        pytest.skip("LANDSCAPE_SKIP_BROWSER=1")
+    assert CHROMIUM and CHROMEDRIVER, ("the browser test needs Chromium and ChromeDriver "
+                                       "(Debian: apt-get install chromium chromium-driver); "
+                                       "set LANDSCAPE_SKIP_BROWSER=1 to skip it")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built_book))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(120)
+    yield driver, f"http://127.0.0.1:{server.server_address[1]}"
+    driver.quit()
+    server.shutdown()
+
+
+DRAWN = """
+return Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
+  id: gd.id,
+  svg: !!gd.querySelector('svg.main-svg'),
+  marks: gd.querySelectorAll('.scatterlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path').length,
+  sliders: gd.querySelectorAll('.slider-container').length,
+}));
+"""
+
+# what is drawn: the geometry of every data layer, as one string
+PICTURE = """
+const gd = document.getElementById(arguments[0]);
+return Array.from(gd.querySelectorAll('.cartesianlayer .plot path, .contourlayer path, .heatmaplayer image'))
+  .map(el => el.getAttribute('d') || el.getAttribute('href') || '').join('|');
+"""
+
+
+def _wait_for_plots(driver, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        plots = driver.execute_script(DRAWN)
+        if plots and all(p["svg"] for p in plots):
+            return plots
+        time.sleep(0.25)
+    return driver.execute_script(DRAWN)
+
+
+@pytest.mark.parametrize("chapter", [c.slug for c in runner.chapters(ROOT)])
+def test_chapter_figures_draw_and_sliders_move(browser, chapter):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    driver, base = browser
+    ch = next(c for c in runner.chapters(ROOT) if c.slug == chapter)
+    driver.get(f"{base}/{ch.rel.with_suffix('.html').as_posix()}")
+    plots = _wait_for_plots(driver)
+    assert plots, f"{chapter}: no plotly figure on the page"
+    assert all(p["svg"] and p["marks"] > 0 for p in plots), f"{chapter}: a figure did not draw: {plots}"
+    # JavaScript errors (offline network failures of external badges are not; sphinx-thebe as
+    # bundled with Jupyter Book 1 declares THEBE_JS_URL twice on notebook pages, harmlessly)
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
+              and e.get("source") == "javascript" and "THEBE_JS_URL" not in e["message"]]
+    assert not errors, f"{chapter}: JavaScript errors: {errors}"
+
+    with_slider = [p for p in plots if p["sliders"]]
+    assert with_slider, f"{chapter}: no slider figure"
+    for p in with_slider:
+        gd = driver.find_element(By.ID, p["id"])
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", gd)
+        rail = gd.find_element(By.CSS_SELECTOR, ".slider-container .slider-rail-touch-rect")
+        before = driver.execute_script(PICTURE, p["id"])
+        active = driver.execute_script("return document.getElementById(arguments[0]).layout.sliders[0].active;", p["id"])
+        n = driver.execute_script("return document.getElementById(arguments[0]).layout.sliders[0].steps.length;", p["id"])
+        # click the rail at the step farthest from the active one
+        target = 0 if active >= n / 2 else n - 1
+        width = rail.size["width"]
+        x = -width / 2 + 2 + (width - 4) * target / max(n - 1, 1)
+        ActionChains(driver).move_to_element_with_offset(rail, x, 0).click().perform()
+        deadline = time.time() + 10
+        after = before
+        while time.time() < deadline and after == before:
+            time.sleep(0.2)
+            after = driver.execute_script(PICTURE, p["id"])
+        new_active = driver.execute_script("return document.getElementById(arguments[0]).layout.sliders[0].active;", p["id"])
+        assert new_active == target, f"{chapter}/{p['id']}: slider did not move ({active} -> {new_active})"
+        assert after != before, f"{chapter}/{p['id']}: moving the slider did not change the plot"

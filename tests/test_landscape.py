@@ -1,0 +1,139 @@
+import copy
+import importlib.util
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from landscape_lib import directions, landscape, models, params
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    net = models.MLP(6, (8, 8), 3, norm="batch").eval()
+    x, y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    params.recompute_bn(net, x)
+    w = params.weights(net)
+    g = torch.Generator().manual_seed(1)
+    return net, w, directions.random(w, generator=g), directions.random(w, generator=g), x, y
+
+
+def _manual(net, point, x, y, recompute=False):
+    m = copy.deepcopy(net)
+    params.load(m, point)
+    if recompute:
+        params.recompute_bn(m, x)
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+    return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_plane_equals_a_per_point_reference(problem, strategy):
+    net, w, d1, d2, x, y = problem
+    a, b = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 3)
+    s = landscape.plane(net, w, d1, d2, a, b, x, y, strategy=strategy, chunk_size=4)
+    assert s.loss.shape == (3, 5)
+    for j, bb in enumerate(b):
+        for i, aa in enumerate(a):
+            loss, acc = _manual(net, params.combine(w, [d1, d2], [aa, bb]), x, y)
+            assert s.loss[j, i] == pytest.approx(loss, rel=1e-5)
+            assert s.acc[j, i] == pytest.approx(acc)
+
+
+def test_recompute_mode_re_estimates_bn_at_every_point(problem):
+    net, w, d1, _, x, y = problem
+    alphas = [-1.0, 0.0, 0.7]
+    ln = landscape.line(net, w, d1, alphas, x, y, bn="recompute", bn_data=x)
+    kept = landscape.line(net, w, d1, alphas, x, y, bn="keep")
+    for i, a in enumerate(alphas):
+        loss, _ = _manual(net, params.combine(w, [d1], [a]), x, y, recompute=True)
+        assert ln.loss[i] == pytest.approx(loss, rel=1e-5)
+    assert not np.allclose(ln.loss, kept.loss)
+    # the model's own statistics are untouched
+    assert torch.allclose(params.forward(net, w, x), net(x))
+
+
+def test_states_path_carries_buffers(problem):
+    net, w, _, _, x, y = problem
+    a = params.state(net)
+    b = {k: (v * 1.5 if v.is_floating_point() else v) for k, v in a.items()}
+    pts = landscape.states(net, [params.lerp(a, b, t) for t in (0.0, 1.0)], x, y)
+    assert pts.loss[0] == pytest.approx(_manual(net, a, x, y)[0], rel=1e-6)
+    assert pts.loss[1] == pytest.approx(_manual(net, b, x, y)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda p: landscape.line(p[0], p[1], p[2], [], p[4], p[5]), ValueError, "at least one point"),
+    (lambda p: landscape.grid(0.0, 5), ValueError, "radius must be positive"),
+    (lambda p: landscape.grid(-1.0, 5), ValueError, "radius must be positive"),
+    (lambda p: landscape.grid(1.0, 0), ValueError, "at least one point"),
+    (lambda p: landscape.line(p[0], p[1], p[2], [0.0], p[4], p[5], strategy="gpu"), ValueError,
+     "valid strategies: auto, loop, vmap"),
+    (lambda p: landscape.line(p[0], p[1], p[2], [0.0], p[4], p[5], bn="train"), ValueError,
+     "valid bn modes: keep, recompute"),
+    (lambda p: landscape.line(p[0], p[1], p[2], [0.0], p[4], p[5], bn="recompute"), ValueError, "bn_data"),
+    (lambda p: landscape.line(p[0], p[1], p[2], [0.0], p[4], p[5], bn="recompute", bn_data=p[4],
+                              strategy="vmap"), ValueError, "strategy 'loop'"),
+    (lambda p: landscape.line(p[0], p[1], p[2], [np.nan], p[4], p[5]), ValueError, "non-finite"),
+    (lambda p: landscape.states(p[0], [], p[4], p[5]), ValueError, "at least one point"),
+])
+def test_bad_input_is_rejected_with_the_choices(problem, call, err, match):
+    with pytest.raises(err, match=match):
+        call(problem)
+
+
+def test_shape_metrics_on_hand_cases():
+    assert landscape.max_rise([3, 2, 2.5, 1, 1.2]) == pytest.approx(0.5)
+    assert landscape.max_rise([3, 2, 1]) == 0.0
+    assert landscape.is_monotone([3, 2, 2.0005, 1], tol=1e-3)
+    assert not landscape.is_monotone([3, 2, 2.1, 1], tol=1e-3)
+    a = np.linspace(0, 1, 5)
+    assert landscape.barrier(a, 1 + 4 * a * (1 - a)) == pytest.approx(1.0)  # bump of 1 at the middle
+    assert landscape.barrier(a, 2 - a) == pytest.approx(0.0)  # the chord itself
+    with pytest.raises(ValueError, match="endpoints"):
+        landscape.barrier(np.linspace(0.1, 1, 4), np.ones(4))
+
+
+def test_nonconvex_fraction_on_analytic_surfaces():
+    axis = np.linspace(-1, 1, 11)
+    aa, bb = np.meshgrid(axis, axis)
+    bowl = landscape.Surface(axis, axis, aa ** 2 + 2 * bb ** 2, np.zeros_like(aa))
+    saddle = landscape.Surface(axis, axis, aa ** 2 - bb ** 2, np.zeros_like(aa))
+    egg = landscape.Surface(axis, axis, np.cos(6 * aa) + np.cos(6 * bb), np.zeros_like(aa))
+    assert landscape.nonconvex_fraction(bowl) == 0.0
+    assert landscape.nonconvex_fraction(saddle) == 1.0
+    # cos(6a)+cos(6b) is convex only where both cosines are negative (|6a|, |6b| in (π/2, 3π/2))
+    exact = np.mean((np.cos(6 * aa[1:-1, 1:-1]) > 0) | (np.cos(6 * bb[1:-1, 1:-1]) > 0))
+    assert landscape.nonconvex_fraction(egg) == pytest.approx(exact, abs=0.1)
+
+
+def test_sharpness_of_a_parabola():
+    a = np.linspace(-1, 1, 41)
+    ln = landscape.Line(a, 3 + a ** 2, np.zeros_like(a))
+    assert landscape.sharpness(ln, 0.5) == pytest.approx(0.25, abs=1e-3)
+    with pytest.raises(ValueError, match="outside"):
+        landscape.sharpness(ln, 2.0)
+
+
+def test_benchmark_plane_matches_the_plain_loop_and_is_not_slower():
+    """The acceptance benchmark: a 41×41 plane, 40-100-100-10 MLP, 1000 MNIST-1D points, 1 thread."""
+    spec = importlib.util.spec_from_file_location("bench", str(__import__("pathlib").Path(__file__).parent.parent
+                                                                / "benchmarks" / "plane.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prob = bench.problem("cpu")
+    ref_t, lib_t = float("inf"), float("inf")
+    for _ in range(3):  # interleaved, best of three: robust to a noisy machine
+        t0 = time.perf_counter()
+        ref = bench.run("loop", *prob)
+        ref_t = min(ref_t, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        lib = bench.run("library", *prob)
+        lib_t = min(lib_t, time.perf_counter() - t0)
+    assert np.max(np.abs(lib - ref) / np.abs(ref)) < 1e-4
+    assert lib_t <= 1.3 * ref_t, f"library {lib_t:.2f} s vs plain loop {ref_t:.2f} s"

@@ -1,0 +1,130 @@
+"""The runner on a throw-away book of three tiny chapters: one passes, one raises, one records a
+failing claim. Each run starts real Jupyter kernels through papermill."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from landscape_lib import __main__ as runner
+
+
+def _nb(cells):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells.append(nbformat.v4.new_markdown_cell("# 9. A test chapter"))
+    params = nbformat.v4.new_code_cell('PROFILE = "cpu"\nSEED = 0\nDEVICE = "auto"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells.append(params)
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    return nb
+
+
+START = "from landscape_lib import claims\nclaims.start('{n}', PROFILE, SEED)"
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    root = tmp_path_factory.mktemp("book")
+    (root / "book" / "part").mkdir(parents=True)
+    (root / "_config.yml").write_text("title: t\nrepository:\n  url: https://github.com/o/r\n")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n"
+                                   "- file: book/part/91-ok\n- file: book/part/92-raises\n"
+                                   "- file: book/part/93-claim-fails\n")
+    (root / "book" / "intro.md").write_text("# intro\n")
+    chapters = {
+        "91-ok": [START.format(n="91"), "claims.check('c ok', 1.0, '>', 0.5)\nclaims.report();"],
+        "92-raises": ["x = 1", "raise ValueError('boom in cell three')"],
+        "93-claim-fails": [START.format(n="93"), "claims.check('c bad', 1.0, '<', 0.5)\nclaims.report();"],
+    }
+    for name, cells in chapters.items():
+        nbformat.write(_nb(cells), root / "book" / "part" / f"{name}.ipynb")
+    return root
+
+
+def _run(root, *args):
+    return subprocess.run([sys.executable, "-m", "landscape_lib", *args], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_failures_are_reported_and_the_others_go_on(book):
+    proc = _run(book, "run", "--profile", "cpu", "--jobs", "2")
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith("  ")}
+    assert " ok " in lines["91-ok"]
+    assert "FAILED" in lines["92-raises"] and "(cell 4: raise ValueError(" in lines["92-raises"] and "boom in cell three" in lines["92-raises"]
+    assert "FAILED" in lines["93-claim-fails"] and "ClaimsFailed" in lines["93-claim-fails"]
+    recs = json.loads((book / "_build/runs/cpu-seed0/claims.json").read_text())
+    assert [(r["chapter"], r["claim"], r["holds"]) for r in recs] == [("91", "c ok", True), ("93", "c bad", False)]
+    assert all(list(r) == ["chapter", "claim", "measured", "comparison", "threshold", "holds", "paper",
+                           "note", "profile", "seed"] for r in recs)
+    assert (book / "_build/runs/cpu-seed0/book/part/91-ok.ipynb").exists()
+
+    # a re-run resumes: the finished chapter is cached, the failed ones run again
+    again = _run(book, "run", "--profile", "cpu", "--jobs", "2")
+    lines = {l.split()[0]: l for l in again.stdout.splitlines() if l.startswith("  ")}
+    assert "cached" in lines["91-ok"] and "FAILED" in lines["92-raises"]
+
+    # in smoke the failing claim is recorded, not enforced
+    smoke = _run(book, "run", "--profile", "smoke", "93")
+    assert smoke.returncode == 0, smoke.stdout
+    rec = json.loads((book / "_build/runs/smoke-seed0/claims.json").read_text())
+    assert rec[0]["holds"] is False and rec[0]["profile"] == "smoke"
+
+
+def test_cache_key_depends_on_notebook_parameters_and_library(book):
+    ch = runner.chapters(book)[0]
+    k = runner.cache_key(ch, {"PROFILE": "cpu", "SEED": 0, "DEVICE": "auto"}, "lib")
+    assert k != runner.cache_key(ch, {"PROFILE": "cpu", "SEED": 1, "DEVICE": "auto"}, "lib")
+    assert k != runner.cache_key(ch, {"PROFILE": "cpu", "SEED": 0, "DEVICE": "auto"}, "lib2")
+    assert k == runner.cache_key(ch, {"SEED": 0, "PROFILE": "cpu", "DEVICE": "auto"}, "lib")
+
+
+def test_chapter_selection(book):
+    all_ch = runner.chapters(book)
+    assert [c.slug for c in all_ch] == ["91-ok", "92-raises", "93-claim-fails"]
+    assert [c.slug for c in runner.select(all_ch, ["91"])] == ["91-ok"]
+    assert [c.slug for c in runner.select(all_ch, ["93-claim"])] == ["93-claim-fails"]
+    assert [c.slug for c in runner.select(all_ch, ["raises"])] == ["92-raises"]
+    with pytest.raises(SystemExit, match="valid chapters: 91-ok, 92-raises, 93-claim-fails"):
+        runner.select(all_ch, ["07"])
+
+
+def test_unknown_profile_is_rejected(book):
+    proc = _run(book, "run", "--profile", "laptop")
+    assert proc.returncode == 2 and "invalid choice: 'laptop'" in proc.stderr and "smoke" in proc.stderr
+
+
+def test_colab_links_derive_from_the_config(root):
+    ch = runner.chapters(root)[0]
+    badge, req = runner.colab_links(root, ch)
+    assert badge.endswith(f"/blob/main/{ch.rel.as_posix()})")
+    assert req.startswith("git+https://github.com/") and req.endswith(".git@main")
+
+
+def test_every_notebook_is_in_sync_with_the_config(root):
+    proc = subprocess.run([sys.executable, "-m", "landscape_lib", "sync", "--check"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_chapter_notebooks_follow_the_template(root):
+    for ch in runner.chapters(root):
+        nb = json.loads(ch.path.read_text())
+        cells = nb["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), ch.slug
+        tags = [t for c in cells for t in c.get("metadata", {}).get("tags", [])]
+        assert tags.count("parameters") == 1, ch.slug
+        params = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        src = "".join(params["source"])
+        assert [l.split("=")[0].strip() for l in src.splitlines() if l.strip()] == ["PROFILE", "SEED", "DEVICE"]
+        text = "".join("".join(c["source"]) for c in cells)
+        assert "claims.check(" in text and "claims.report()" in text, ch.slug
+        assert "viz.slider_figure(" in text, ch.slug
+        assert "## Reproduction" in text and "## Summary" in text and "## Exercises" in text, ch.slug
+        assert ":class: dropdown" in text and "viz.provenance(" in text, ch.slug
+        assert "".join(cells[0]["source"]).startswith(f"# {int(ch.number)}. "), ch.slug

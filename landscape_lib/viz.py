@@ -48,7 +48,9 @@ def plotly_js_path() -> Path:
 def to_html(fig, div_id: str | None = None) -> str:
     """A figure as an HTML fragment that expects ``window.Plotly`` to be loaded already."""
     div_id = div_id or f"landscape-fig-{next(_ids)}"
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
+    # auto_play=False: plotly would otherwise run through every slider frame on page load and
+    # leave the figure on the last one.
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, auto_play=False,
                        config={"displaylogo": False, "responsive": True})
 
 

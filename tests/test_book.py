@@ -130,8 +130,8 @@ return Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
 # what is drawn: the geometry of every data layer, as one string
 PICTURE = """
 const gd = document.getElementById(arguments[0]);
-return Array.from(gd.querySelectorAll('.cartesianlayer .plot path, .contourlayer path, .heatmaplayer image'))
-  .map(el => el.getAttribute('d') || el.getAttribute('href') || '').join('|');
+return Array.from(gd.querySelectorAll('.cartesianlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path'))
+  .map(el => [el.getAttribute('d'), el.getAttribute('href'), el.getAttribute('transform')].join(' ')).join('|');
 """
 
 

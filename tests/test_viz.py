@@ -32,6 +32,8 @@ def test_slider_figure_rejects_bad_frames(kwargs, match):
 def test_html_output_does_not_embed_plotly_js():
     html = viz.to_html(go.Figure(go.Scatter(x=[1], y=[1])), div_id="fig-x")
     assert "Plotly.newPlot" in html and 'id="fig-x"' in html
+    sliding = viz.to_html(viz.slider_figure(_frames(), ["a", "b", "c"], slider_title="t"))
+    assert "Plotly.animate" not in sliding  # no autoplay through the frames on page load
     assert len(html) < 20_000  # plotly.js itself is ~4.8 MB: it ships once as a static asset
     assert viz.plotly_js_path().stat().st_size > 1_000_000
 

@@ -165,7 +165,7 @@ def table_html(recs: Sequence[Record] | None = None) -> str:
     recs = records() if recs is None else recs
     rows = []
     for r in recs:
-        verdict = "✅ holds" if r.holds else "❌ does not hold"
+        verdict = "✓ holds" if r.holds else "✗ does not hold"
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}", _fmt(r.margin),
             verdict, r.paper or "", r.note)) + "</tr>")
@@ -220,17 +220,20 @@ def scoreboard_markdown(recs: Sequence[Record], titles: dict[str, str] | None = 
            f"seed {', '.join(map(str, seeds)) or '-'}). In `smoke` claims are recorded, not "
            f"enforced: the tiny settings are for testing the code, not the papers.\n"]
     for ch in failed_chapters:
-        out.append(f"- ⚠️ chapter {ch} failed to run; its table may be incomplete.")
+        out.append(f"- chapter {ch} failed to run; its table may be incomplete.")
     chapters: dict[str, list[Record]] = {}
     for r in recs:
         chapters.setdefault(r.chapter, []).append(r)
+    out.append("\n| chapter | claims | hold |\n|---|---|---|")
+    for ch, rs in chapters.items():
+        out.append(f"| {titles.get(ch, 'Chapter ' + ch)} | {len(rs)} | {sum(r.holds for r in rs)} |")
     for ch, rs in chapters.items():
         out.append(f"\n## {titles.get(ch, 'Chapter ' + ch)}\n")
         out.append("| claim | measured | test | verdict | paper | note |")
         out.append("|---|---|---|---|---|---|")
         for r in rs:
             cells = [r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}",
-                     "✅" if r.holds else "❌", r.paper or "", r.note]
+                     "✓ holds" if r.holds else "✗ fails", r.paper or "", r.note]
             out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
                                          for c in cells) + " |")
     return "\n".join(out) + "\n"

@@ -154,4 +154,4 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) 
         return loss
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())

@@ -1,0 +1,146 @@
+"""Tests for landscape_lib.ensembles against scikit-learn (accuracy_score, log_loss,
+brier_score_loss), hand-computed small cases (ECE, reliability bins, Brier, disagreement),
+torch.mean, and a temperature recovered from synthetic logits."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
+
+from landscape_lib import ensembles as E
+
+
+def random_probs(n=200, k=5, seed=0, temperature=1.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, k, (n,), generator=g)
+    return (logits / temperature).softmax(1), y
+
+
+# A hand-worked case: 6 predictions over 4 classes in 3 equal-width bins
+# [0, 1/3], (1/3, 2/3], (2/3, 1].
+HAND_PROBS = torch.tensor([[0.30, 0.25, 0.25, 0.20],   # conf .30, correct   -> bin 0
+                           [0.25, 0.30, 0.25, 0.20],   # conf .30, wrong     -> bin 0
+                           [0.50, 0.20, 0.20, 0.10],   # conf .50, correct   -> bin 1
+                           [0.10, 0.60, 0.20, 0.10],   # conf .60, wrong     -> bin 1
+                           [0.90, 0.05, 0.03, 0.02],   # conf .90, correct   -> bin 2
+                           [0.05, 0.05, 0.10, 0.80]],  # conf .80, correct   -> bin 2
+                          dtype=torch.float64)
+HAND_Y = torch.tensor([0, 0, 0, 2, 0, 3])
+
+
+def test_accuracy_matches_sklearn():
+    p, y = random_probs()
+    assert E.accuracy(p, y) == pytest.approx(accuracy_score(y.numpy(), p.argmax(1).numpy()))
+    assert E.accuracy(HAND_PROBS, HAND_Y) == pytest.approx(4 / 6)
+
+
+def test_nll_matches_sklearn_log_loss():
+    for t in (0.5, 1.0, 3.0):
+        p, y = random_probs(temperature=t, seed=int(t * 10))
+        ref = log_loss(y.numpy(), p.numpy(), labels=list(range(p.shape[1])))
+        assert E.nll(p, y) == pytest.approx(ref, rel=1e-10)
+    assert E.nll(p.float(), y) == pytest.approx(ref, rel=1e-5)
+
+
+def test_nll_clamps_zero_probabilities():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    y = torch.tensor([1, 0])
+    assert E.nll(p, y) == pytest.approx((-np.log(1e-12) - np.log(0.5)) / 2, rel=1e-6)
+
+
+def test_brier_hand_and_sklearn():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]], dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    # (0.3² + 0.2² + 0.1²) = 0.14 and (0.2² + 0.5² + 0.7²) = 0.78
+    assert E.brier(p, y) == pytest.approx((0.14 + 0.78) / 2)
+    p, y = random_probs()
+    ref = brier_score_loss(y.numpy(), p.numpy(), labels=list(range(p.shape[1])))
+    assert E.brier(p, y) == pytest.approx(ref, rel=1e-10)
+
+
+def test_reliability_and_ece_hand_example():
+    r = E.reliability(HAND_PROBS, HAND_Y, n_bins=3)
+    assert r["count"] == [2, 2, 2]
+    assert r["confidence"] == pytest.approx([0.30, 0.55, 0.85])
+    assert r["accuracy"] == pytest.approx([0.5, 0.5, 1.0])
+    assert r["edges"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    # ECE = Σ |B|/N · |acc − conf| = (2·0.2 + 2·0.05 + 2·0.15)/6
+    assert E.ece(HAND_PROBS, HAND_Y, n_bins=3) == pytest.approx(0.8 / 6)
+
+
+def test_reliability_empty_bins_and_ece_against_a_loop():
+    r = E.reliability(HAND_PROBS, HAND_Y, n_bins=10)
+    assert sum(r["count"]) == 6 and r["count"][0] == 0
+    assert np.isnan(r["accuracy"][0]) and np.isnan(r["confidence"][0])
+    p, y = random_probs(n=500, seed=3)
+    conf, pred = p.max(1)
+    total = 0.0
+    for m in range(15):  # a plain loop over bins (lo, hi]
+        lo, hi = m / 15, (m + 1) / 15
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            total += inside.double().mean() * abs((pred[inside] == y[inside]).double().mean()
+                                                  - conf[inside].mean())
+    assert E.ece(p, y) == pytest.approx(float(total), abs=1e-12)
+
+
+def test_metrics_bundle():
+    out = E.metrics(HAND_PROBS, HAND_Y, n_bins=3)
+    assert set(out) == {"acc", "nll", "ece", "brier"}
+    assert out["ece"] == pytest.approx(0.8 / 6)
+
+
+def test_disagreement_hand():
+    a = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    b = torch.tensor([[0.8, 0.2], [0.7, 0.3], [0.1, 0.9], [0.4, 0.6]])
+    c = torch.tensor([[0.1, 0.9], [0.7, 0.3], [0.1, 0.9], [0.4, 0.6]])
+    assert E.disagreement(a, b) == pytest.approx(0.5)
+    assert E.disagreement(a, c) == pytest.approx(0.75)
+    assert E.disagreement(b, c) == pytest.approx(0.25)
+    assert E.mean_disagreement([a, b, c]) == pytest.approx((0.5 + 0.75 + 0.25) / 3)
+    assert E.mean_disagreement([a]) == 0.0
+
+
+def test_average_and_probability_averager_match_torch_mean():
+    members = [random_probs(seed=s)[0] for s in range(4)]
+    ref = torch.stack(members).mean(0)
+    torch.testing.assert_close(E.average(members), ref)
+    avg = E.ProbabilityAverager()
+    for m in members:
+        avg.add(m)
+    assert avg.count == 4
+    torch.testing.assert_close(avg.mean.double(), ref, rtol=0, atol=1e-7)
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    n, k, t_true = 20_000, 5, 2.5
+    base = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    y = torch.multinomial(base.softmax(1), 1, generator=g).squeeze(1)
+    # labels follow softmax(base); the model's logits are base·T, so the best T is ≈ t_true
+    t = E.fit_temperature(base * t_true, y)
+    assert t == pytest.approx(t_true, rel=0.05)
+    # and scaling actually lowers the NLL
+    assert E.nll((base * t_true / t).softmax(1), y) < E.nll((base * t_true).softmax(1), y)
+
+
+def test_errors_name_the_problem():
+    p, y = random_probs(n=10)
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        E.accuracy(p[0], y)
+    with pytest.raises(ValueError, match="labels must be"):
+        E.nll(p, y[:5])
+    with pytest.raises(ValueError, match="no predictions"):
+        E.brier(p[:0], y[:0])
+    with pytest.raises(ValueError, match="n_bins"):
+        E.ece(p, y, n_bins=0)
+    with pytest.raises(ValueError, match="at least one member"):
+        E.average([])
+    with pytest.raises(ValueError, match="shapes differ"):
+        E.disagreement(p, p[:5])
+    avg = E.ProbabilityAverager()
+    with pytest.raises(ValueError, match="no member"):
+        avg.mean
+    avg.add(p)
+    with pytest.raises(ValueError, match="shape"):
+        avg.add(p[:5])

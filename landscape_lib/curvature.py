@@ -1,0 +1,715 @@
+"""Curvature of the loss: Hessian-vector products, extremal eigenvalues, spectra, trace, sharpness.
+
+Everything here works on the loss of a fixed data subset ``(x, y)``,
+
+.. math::  L(θ) = \\frac{1}{N}\\sum_{i=1}^{N} \\ell(f(x_i; θ), y_i) \\;(+\\tfrac{λ_{wd}}{2}\\lVert θ\\rVert^2),
+
+with ``θ`` the trainable parameters of any ``nn.Module`` (as a dict, see :mod:`.params`). The
+Hessian ``H = ∇²L`` is never formed; every method needs only products ``Hv``.
+
+* **Hessian-vector product** (Pearlmutter 1994), forward-over-reverse:
+  ``Hv = ∂/∂ε ∇L(θ + εv)|_{ε=0}`` is ``torch.func.jvp`` of ``torch.func.grad`` of the loss
+  written through ``functional_call``. A large data set is split into chunks ``c`` of ``n_c``
+  points, ``Hv = Σ_c (n_c/N) H_c v`` (each chunk loss is a mean). BatchNorm runs in eval mode
+  (running statistics: the loss is a sum over points) unless ``bn="train"`` is asked for
+  (batch statistics, which make the Hessian depend on the chunking; running statistics are
+  never updated). Weight decay ``λ_wd`` adds ``λ_wd·v``. :class:`HVPOperator` wraps this as a
+  ``scipy.sparse.linalg.LinearOperator`` (float64 on the SciPy side) and counts its calls.
+* **Extremal eigenvalues**: :func:`extremal_eigs` is ``scipy.sparse.linalg.eigsh`` (implicitly
+  restarted Lanczos, ARPACK) with ``which='LA'`` (largest) or ``'SA'`` (smallest, algebraic);
+  :func:`power_iteration` is the plain baseline ``v ← Hv/‖Hv‖`` with the Rayleigh quotient
+  ``vᵀHv`` (it finds the eigenvalue of largest *magnitude*).
+* **Lanczos** (:func:`lanczos`), ``m`` steps with full re-orthogonalisation: ``HV_m = V_m T_m +
+  β_m v_{m+1} e_mᵀ`` with ``T_m`` tridiagonal (float64). Its eigenpairs ``T_m = U Θ Uᵀ`` give
+  Ritz values ``θ_k`` and weights ``w_k = U_{0k}²``.
+* **Stochastic Lanczos quadrature** (Golub & Meurant; Ghorbani, Krishnan & Xiao 2019; used by
+  Granziol, Zohren & Roberts, JMLR 2022): the spectral density
+  ``φ(λ) = (1/P) Σ_i δ(λ − λ_i)`` is estimated from ``n_vec`` random starts ``v`` as
+
+  .. math::  φ(λ) ≈ \\frac{1}{n_{vec}} \\sum_{v} \\sum_{k=1}^{m} w_k^{(v)}\\, 𝒩(λ; θ_k^{(v)}, σ^2),
+
+  because ``Σ_k w_k g(θ_k)`` is the Gauss quadrature of ``vᵀg(H)v/‖v‖²`` (exact for
+  polynomials of degree < 2m) and ``E[vᵀg(H)v]/‖v‖² = tr g(H)/P`` (:func:`slq_density`).
+* **Hutchinson's trace estimator**: ``tr H = E[vᵀHv]`` for Rademacher or Gaussian ``v``
+  (:func:`hutchinson_trace`).
+* **Sharpness**: the average rise ``E_u[L(θ + ρu)] − L(θ)`` over ``u`` uniform on the unit sphere
+  (or filter-normalised Gaussian directions scaled by ρ, :mod:`.directions`;
+  :func:`random_sharpness`), and the worst case ``max_{‖ε‖≤ρ} L(θ + ε) − L(θ)`` approximated by
+  projected gradient ascent that starts from SAM's first-order solution ``ε = ρ ∇L/‖∇L‖``
+  (Foret et al. 2021; Keskar et al. 2017; :func:`worst_case_sharpness`).
+* **Largest stable learning rate** (:func:`critical_learning_rate`): bisection on the learning
+  rate of a few optimizer steps from the current weights. Gradient descent on a quadratic is
+  stable iff ``η < 2/λ_max``; Granziol et al. (2022) predict ``η_max(B) ≈ 2/λ_max(H_B)`` for SGD
+  (linear in ``B`` while the batch noise dominates) and ``∝ √B`` for Adam.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse.linalg as spla
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from . import directions as D
+from . import params as P
+
+BN_MODES = ("eval", "train")
+WHICH = ("LA", "SA", "LM")
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Weights = Mapping[str, torch.Tensor]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (1, 2, 3, ...), got {value!r}")
+    return int(value)
+
+
+def _positive(value, name: str) -> float:
+    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
+            and value > 0):
+        raise ValueError(f"{name} must be a positive finite number (> 0), got {value!r}")
+    return float(value)
+
+
+def _choice(value, valid, name: str):
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(valid)}")
+    return value
+
+
+@contextlib.contextmanager
+def bn_mode(model: nn.Module, mode: str = "eval"):
+    """Run ``model`` in eval mode (``"eval"``) or in train mode with BatchNorm using batch
+    statistics but *not* updating its running statistics (``"train"``); restore afterwards."""
+    _choice(mode, BN_MODES, "bn mode")
+    was_training = model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in bns]
+    try:
+        if mode == "eval":
+            model.eval()
+        else:
+            model.train()
+            for m in bns:  # batch statistics, no in-place update of the running ones
+                m.track_running_stats = False
+        yield model
+    finally:
+        for m, t in zip(bns, tracked):
+            m.track_running_stats = t
+        model.train(was_training)
+
+
+def _chunks(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None):
+    n = len(x)
+    if chunk_size is None or chunk_size >= n:
+        return [(x, y, 1.0)]
+    return [(xc, yc, len(xc) / n) for xc, yc in zip(x.split(chunk_size), y.split(chunk_size))]
+
+
+class HVPOperator:
+    """The Hessian of ``loss_fn(model(x), y)`` (+ weight decay) at ``weights``, as an operator.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; it is evaluated through ``functional_call`` and never modified.
+    x, y
+        The fixed data subset defining the loss (a mean over its points).
+    loss_fn
+        ``loss_fn(outputs, y) -> scalar`` averaged over the batch (default cross-entropy).
+    weights
+        The point θ (a dict like :func:`.params.weights`); default: the model's parameters.
+    chunk_size
+        Split the data into chunks of this many points (bounds memory); the result is the
+        chunk-size-weighted sum of the chunks' HVPs, equal to the unchunked one in eval mode.
+    bn
+        ``"eval"`` (default: BatchNorm running statistics) or ``"train"`` (batch statistics).
+    weight_decay
+        ``λ_wd ≥ 0`` added to the Hessian (the Hessian of ``L + λ_wd/2 ‖θ‖²``).
+
+    ``op.mv(v)`` multiplies a flat torch vector (any float dtype, returns float64 on the model's
+    device); ``op.hvp(v_dict)`` a weight dict; ``op.linear_operator()`` is the SciPy view
+    (float64). ``op.calls`` counts Hessian-vector products of all three kinds.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 loss_fn: LossFn = F.cross_entropy, *, weights: Weights | None = None,
+                 chunk_size: int | None = None, bn: str = "eval", weight_decay: float = 0.0):
+        _choice(bn, BN_MODES, "bn mode")
+        if chunk_size is not None:
+            _positive_int(chunk_size, "chunk_size")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"x and y must be non-empty and of equal length, got {len(x)} and {len(y)}")
+        self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
+        self.weights = OrderedDict((k, v.detach()) for k, v in
+                                   (P.weights(model) if weights is None else weights).items())
+        self.buffers = OrderedDict((k, b.detach()) for k, b in model.named_buffers())
+        self.chunk_size, self.bn, self.weight_decay = chunk_size, bn, float(weight_decay)
+        self.n = sum(v.numel() for v in self.weights.values())
+        first = next(iter(self.weights.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.calls = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    def reset_calls(self) -> None:
+        """Set the HVP counter back to zero."""
+        self.calls = 0
+
+    def _chunk_loss(self, xc, yc):
+        def loss(w):
+            return self.loss_fn(functional_call(self.model, (w, self.buffers), (xc,)), yc)
+        return loss
+
+    def loss(self, weights: Weights | None = None) -> float:
+        """``L(θ)`` on the subset (including the weight-decay term) at ``weights`` (default θ)."""
+        w = self.weights if weights is None else weights
+        total = 0.0
+        with bn_mode(self.model, self.bn), torch.no_grad():
+            for xc, yc, frac in _chunks(self.x, self.y, self.chunk_size):
+                total += frac * float(self._chunk_loss(xc, yc)(w))
+        if self.weight_decay:
+            total += 0.5 * self.weight_decay * P.norm(w) ** 2
+        return total
+
+    def gradient(self, weights: Weights | None = None) -> "OrderedDict[str, torch.Tensor]":
+        """``∇L(θ)`` as a weight dict (including weight decay)."""
+        w = self.weights if weights is None else weights
+        out = OrderedDict((k, torch.zeros_like(v)) for k, v in w.items())
+        with bn_mode(self.model, self.bn):
+            for xc, yc, frac in _chunks(self.x, self.y, self.chunk_size):
+                g = grad(self._chunk_loss(xc, yc))(dict(w))
+                for k in out:
+                    out[k].add_(g[k].detach(), alpha=frac)
+        if self.weight_decay:
+            for k in out:
+                out[k].add_(w[k], alpha=self.weight_decay)
+        return out
+
+    def hvp(self, v: Weights) -> "OrderedDict[str, torch.Tensor]":
+        """``Hv`` for a direction given as a weight dict (same keys and shapes as θ)."""
+        P.keys_like(self.weights, v)
+        w = dict(self.weights)
+        tangent = {k: v[k].to(device=self.device, dtype=w[k].dtype) for k in w}
+        out = OrderedDict((k, torch.zeros_like(t)) for k, t in w.items())
+        with bn_mode(self.model, self.bn):
+            # forward-over-reverse: the directional derivative of ∇L along v, chunk by chunk
+            for xc, yc, frac in _chunks(self.x, self.y, self.chunk_size):
+                with warnings.catch_warnings():  # torch's own forward-AD set-up uses jit.script
+                    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
+                                            category=FutureWarning)
+                    _, hv = jvp(grad(self._chunk_loss(xc, yc)), (w,), (tangent,))
+                for k in out:
+                    out[k].add_(hv[k].detach(), alpha=frac)
+        if self.weight_decay:
+            for k in out:
+                out[k].add_(tangent[k], alpha=self.weight_decay)
+        self.calls += 1
+        return out
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """``Hv`` for a flat vector ``v`` (length ``n``); returns float64 on the model's device."""
+        if v.numel() != self.n:
+            raise ValueError(f"vector has {v.numel()} entries, the operator needs {self.n}")
+        vd = P.from_vector(v.reshape(-1).to(device=self.device, dtype=self.dtype), self.weights)
+        return P.to_vector(self.hvp(vd)).double()
+
+    def _np_matvec(self, v: np.ndarray) -> np.ndarray:
+        out = self.mv(torch.as_tensor(np.asarray(v, dtype=np.float64).reshape(-1)))
+        return out.cpu().numpy()
+
+    def linear_operator(self) -> spla.LinearOperator:
+        """The Hessian as a float64 ``scipy.sparse.linalg.LinearOperator`` (symmetric)."""
+        return spla.LinearOperator(self.shape, matvec=self._np_matvec, rmatvec=self._np_matvec,
+                                   dtype=np.float64)
+
+
+# --- a common view of operators: HVPOperator, dense matrices, SciPy operators ---------------
+
+def _matvec(op) -> tuple[int, torch.device, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(n, device, f)`` with ``f`` mapping a float64 torch vector to float64 ``op·v``."""
+    if isinstance(op, HVPOperator):
+        return op.n, op.device, op.mv
+    if isinstance(op, torch.Tensor):
+        if op.dim() != 2 or op.shape[0] != op.shape[1]:
+            raise ValueError(f"a matrix operator must be square, got shape {tuple(op.shape)}")
+        A = op.double()
+        return A.shape[0], A.device, lambda v: A @ v.to(A.device, torch.float64)
+    if isinstance(op, np.ndarray) or hasattr(op, "matvec"):
+        lin = spla.aslinearoperator(op)
+        if lin.shape[0] != lin.shape[1]:
+            raise ValueError(f"operator must be square, got shape {lin.shape}")
+        return lin.shape[0], torch.device("cpu"), lambda v: torch.as_tensor(
+            np.asarray(lin.matvec(v.detach().cpu().numpy()), dtype=np.float64).reshape(-1))
+    raise TypeError("op must be an HVPOperator, a square torch/numpy matrix or a "
+                    f"scipy LinearOperator, got {type(op).__name__}")
+
+
+def _calls(op) -> int:
+    return op.calls if isinstance(op, HVPOperator) else 0
+
+
+def _random_vector(n: int, distribution: str, generator: torch.Generator | None,
+                   device: torch.device) -> torch.Tensor:
+    _choice(distribution, DISTRIBUTIONS, "distribution")
+    if distribution == "rademacher":
+        v = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+    else:
+        v = torch.randn(n, generator=generator, dtype=torch.float64)
+    return v.to(device)
+
+
+# --- power iteration -----------------------------------------------------------------------
+
+@dataclass
+class PowerResult:
+    """Power iteration: the eigenvalue estimate, its eigenvector, the Rayleigh quotient after
+    every HVP (``history``), the number of HVPs and whether ``tol`` was reached."""
+
+    eigenvalue: float
+    eigenvector: torch.Tensor
+    history: np.ndarray
+    n_hvp: int
+    converged: bool
+
+
+def power_iteration(op, iters: int = 100, tol: float = 1e-6, *, v0: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> PowerResult:
+    """Plain power iteration ``v ← Hv/‖Hv‖``, one HVP per step.
+
+    Returns the Rayleigh quotient ``vᵀHv`` (``‖v‖ = 1``) of the eigenvalue of largest
+    **magnitude**; stops when it changes by less than ``tol`` relative, or after ``iters``.
+    The error of the Rayleigh quotient decays like ``(λ₂/λ₁)^{2k}``.
+    """
+    iters = _positive_int(iters, "iters")
+    tol = _positive(tol, "tol")
+    n, device, f = _matvec(op)
+    v = _random_vector(n, "gaussian", generator, device) if v0 is None else v0.double().to(device)
+    v = v / v.norm()
+    history, converged, lam = [], False, float("nan")
+    for _ in range(iters):
+        w = f(v)
+        new = float(v @ w)  # Rayleigh quotient of the current unit vector
+        history.append(new)
+        norm = w.norm()
+        if norm == 0:
+            lam, converged = 0.0, True
+            break
+        v = w / norm
+        if len(history) > 1 and abs(new - lam) <= tol * abs(new):
+            lam, converged = new, True
+            break
+        lam = new
+    return PowerResult(lam, v, np.asarray(history), len(history), converged)
+
+
+# --- eigsh ---------------------------------------------------------------------------------
+
+@dataclass
+class EigResult:
+    """Eigenvalues (ascending) from ``eigsh``, their eigenvectors (columns), the HVP count and
+    whether all ``k`` converged within ``maxiter`` (if not, only the converged ones are kept)."""
+
+    values: np.ndarray
+    vectors: np.ndarray
+    n_hvp: int
+    converged: bool = True
+
+
+def extremal_eigs(op, k: int = 1, which: str = "LA", *, tol: float = 0.0, ncv: int | None = None,
+                  maxiter: int | None = None, v0: np.ndarray | None = None,
+                  seed: int | None = 0) -> EigResult:
+    """The ``k`` largest (``which="LA"``), smallest (``"SA"``) or largest-magnitude (``"LM"``)
+    eigenvalues by ``scipy.sparse.linalg.eigsh`` on the operator.
+
+    ``tol`` is ARPACK's relative accuracy of the Ritz values (0: machine precision); bound
+    ``ncv`` (Lanczos basis size, default ``max(2k+1, 20)``) and ``maxiter`` (restarts) on big
+    operators. ``v0`` defaults to a seeded Gaussian so results are reproducible.
+    """
+    k = _positive_int(k, "k")
+    _choice(which, WHICH, "which")
+    if not (tol >= 0):
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    n, _, _ = _matvec(op)
+    if k >= n:
+        raise ValueError(f"k must be in 1..{n - 1} (eigsh needs k < n), got {k}")
+    if ncv is not None and not (k < ncv <= n):
+        raise ValueError(f"ncv must be in {k + 1}..{n}, got {ncv}")
+    if maxiter is not None:
+        _positive_int(maxiter, "maxiter")
+    lin = op.linear_operator() if isinstance(op, HVPOperator) else spla.aslinearoperator(op)
+    if v0 is None:
+        v0 = np.random.default_rng(seed).standard_normal(n)
+    before = _calls(op)
+    converged = True
+    try:
+        vals, vecs = spla.eigsh(lin, k=k, which=which, tol=tol, ncv=ncv, maxiter=maxiter, v0=v0)
+    except spla.ArpackNoConvergence as err:
+        if len(err.eigenvalues) == 0:
+            raise RuntimeError(f"eigsh found no converged eigenvalue ({which}) in maxiter={maxiter} "
+                               f"restarts with tol={tol:g}; raise maxiter or tol") from err
+        vals, vecs, converged = err.eigenvalues, err.eigenvectors, False
+    order = np.argsort(vals)
+    return EigResult(vals[order], vecs[:, order], _calls(op) - before, converged)
+
+
+# --- Lanczos -------------------------------------------------------------------------------
+
+@dataclass
+class LanczosResult:
+    """``m`` Lanczos steps: the tridiagonal ``T`` (diagonal ``alpha``, off-diagonal ``beta``,
+    float64), the Ritz values (ascending) and weights (squared first components of T's
+    eigenvectors, summing to 1), the basis ``V`` (``[m, n]``, rows orthonormal) if kept, and
+    the number of HVPs."""
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    ritz_values: np.ndarray
+    ritz_weights: np.ndarray
+    n_hvp: int
+    basis: torch.Tensor | None = None
+
+    def ritz_at(self, j: int) -> np.ndarray:
+        """The Ritz values after the first ``j`` steps (from the leading ``j×j`` block of T)."""
+        j = _positive_int(j, "j")
+        if j > len(self.alpha):
+            raise ValueError(f"j must be in 1..{len(self.alpha)}, got {j}")
+        return ritz(self.alpha[:j], self.beta[:j - 1])[0]
+
+
+def ritz(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ritz values and weights ``(θ_k, U_{0k}²)`` of the symmetric tridiagonal ``T(alpha, beta)``."""
+    alpha = np.asarray(alpha, dtype=np.float64)
+    if len(alpha) == 1:
+        return alpha.copy(), np.ones(1)
+    theta, U = scipy.linalg.eigh_tridiagonal(alpha, np.asarray(beta, dtype=np.float64))
+    return theta, U[0] ** 2
+
+
+def lanczos(op, m: int, *, v0: torch.Tensor | None = None, distribution: str = "rademacher",
+            generator: torch.Generator | None = None, reorth: bool = True,
+            keep_basis: bool = False) -> LanczosResult:
+    """``m`` steps of Lanczos from ``v0`` (default: a random Rademacher/Gaussian vector).
+
+    With ``reorth=True`` every new vector is re-orthogonalised (twice, classical Gram–Schmidt)
+    against all previous ones, which prevents the spurious duplicate "ghost" Ritz values of
+    plain Lanczos. The basis is kept in float64 on the operator's device (``m·n`` numbers). If
+    an invariant subspace is found (``β ≈ 0``) the iteration stops early.
+    """
+    m = _positive_int(m, "m")
+    n, device, f = _matvec(op)
+    m = min(m, n)
+    v = _random_vector(n, distribution, generator, device) if v0 is None else v0.double().to(device)
+    v = v / v.norm()
+    V = torch.zeros(m, n, dtype=torch.float64, device=device) if (reorth or keep_basis) else None
+    alpha, beta = [], []
+    prev, b_prev = torch.zeros_like(v), 0.0
+    before = _calls(op)
+    for j in range(m):
+        if V is not None:
+            V[j] = v
+        w = f(v)
+        a = float(v @ w)
+        alpha.append(a)
+        # three-term recurrence: w = Hv_j − α_j v_j − β_{j−1} v_{j−1}
+        w = w - a * v - b_prev * prev
+        if reorth:
+            for _ in range(2):  # full re-orthogonalisation against v_0..v_j
+                w = w - V[:j + 1].T @ (V[:j + 1] @ w)
+        b = float(w.norm())
+        if j == m - 1:
+            break
+        if b <= 1e-10 * max(1.0, abs(a)):  # invariant subspace: T is exact
+            break
+        beta.append(b)
+        prev, b_prev, v = v, b, w / b
+    alpha_arr, beta_arr = np.asarray(alpha), np.asarray(beta[:len(alpha) - 1])
+    theta, weights = ritz(alpha_arr, beta_arr)
+    basis = V[:len(alpha)] if (keep_basis and V is not None) else None
+    return LanczosResult(alpha_arr, beta_arr, theta, weights, _calls(op) - before, basis)
+
+
+# --- stochastic Lanczos quadrature ----------------------------------------------------------
+
+@dataclass
+class SpectralDensity:
+    """An SLQ estimate: the smoothed density on ``grid``, the nodes/weights of every start
+    vector (``[n_vec, ≤m]``, padded with NaN/0), ``sigma`` and the HVP count."""
+
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    sigma: float
+    n_hvp: int
+
+    def moment(self, p: int) -> float:
+        """``(1/n_vec) Σ_v Σ_k w_k θ_k^p``: an unbiased estimate of ``tr(H^p)/n`` for
+        ``p < 2m`` (from the quadrature nodes, not the smoothed curve)."""
+        nodes = np.nan_to_num(self.nodes)
+        return float(np.mean(np.sum(self.weights * nodes ** p, axis=1)))
+
+
+def gaussian_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray,
+                     sigma: float) -> np.ndarray:
+    """``Σ_k w_k 𝒩(λ; θ_k, σ²)`` on ``grid`` (rows of ``nodes``/``weights`` averaged)."""
+    nodes, weights = np.atleast_2d(nodes), np.atleast_2d(weights)
+    mask = np.isfinite(nodes)
+    z = (grid[None, None, :] - np.where(mask, nodes, 0.0)[..., None]) / sigma
+    kern = np.exp(-0.5 * z ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return np.mean(np.sum(np.where(mask, weights, 0.0)[..., None] * kern, axis=1), axis=0)
+
+
+def slq_density(op, m: int = 80, n_vec: int = 1, *, sigma: float | None = None,
+                grid: np.ndarray | None = None, n_grid: int = 512, distribution: str = "rademacher",
+                generator: torch.Generator | None = None) -> SpectralDensity:
+    """Spectral density of the operator by stochastic Lanczos quadrature.
+
+    ``n_vec`` independent Lanczos runs of ``m`` steps (full re-orthogonalisation); the
+    Gaussian kernel width ``sigma`` defaults to 1 % of the spread of the Ritz values and the
+    grid to ``n_grid`` points covering them with a margin of ``5σ``.
+    """
+    m, n_vec, n_grid = (_positive_int(m, "m"), _positive_int(n_vec, "n_vec"),
+                        _positive_int(n_grid, "n_grid"))
+    runs = [lanczos(op, m, distribution=distribution, generator=generator) for _ in range(n_vec)]
+    width = max(len(r.ritz_values) for r in runs)
+    nodes = np.full((n_vec, width), np.nan)
+    weights = np.zeros((n_vec, width))
+    for i, r in enumerate(runs):
+        nodes[i, :len(r.ritz_values)] = r.ritz_values
+        weights[i, :len(r.ritz_weights)] = r.ritz_weights
+    lo, hi = np.nanmin(nodes), np.nanmax(nodes)
+    if sigma is None:
+        sigma = 0.01 * max(hi - lo, 1e-12 + abs(hi))
+    sigma = _positive(sigma, "sigma")
+    if grid is None:
+        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid)
+    grid = np.asarray(grid, dtype=np.float64)
+    return SpectralDensity(grid, gaussian_density(nodes, weights, grid, sigma), nodes, weights,
+                           sigma, sum(r.n_hvp for r in runs))
+
+
+# --- Hutchinson ----------------------------------------------------------------------------
+
+@dataclass
+class TraceResult:
+    """Hutchinson's estimate of ``tr H``: the mean, its standard error and the samples."""
+
+    trace: float
+    stderr: float
+    samples: np.ndarray
+
+
+def hutchinson_trace(op, n_samples: int = 100, *, distribution: str = "rademacher",
+                     generator: torch.Generator | None = None) -> TraceResult:
+    """``tr H ≈ (1/S) Σ_s v_sᵀ H v_s`` with Rademacher (default) or Gaussian ``v_s``.
+
+    The Rademacher variance is ``2 Σ_{i≠j} H_ij²`` per sample (smaller than Gaussian's
+    ``2‖H‖_F²``).
+    """
+    n_samples = _positive_int(n_samples, "n_samples")
+    n, device, f = _matvec(op)
+    samples = []
+    for _ in range(n_samples):
+        v = _random_vector(n, distribution, generator, device)
+        samples.append(float(v @ f(v)))
+    s = np.asarray(samples)
+    stderr = float(s.std(ddof=1) / math.sqrt(len(s))) if len(s) > 1 else float("inf")
+    return TraceResult(float(s.mean()), stderr, s)
+
+
+# --- sharpness -----------------------------------------------------------------------------
+
+@dataclass
+class Sharpness:
+    """``value = perturbed_loss − loss``: the rise of the loss within radius ρ."""
+
+    value: float
+    loss: float
+    perturbed_loss: float
+    rho: float
+    samples: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def _unit_sphere(w: Weights, generator: torch.Generator | None) -> "OrderedDict[str, torch.Tensor]":
+    d = OrderedDict((k, torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device))
+                    for k, v in w.items())
+    s = P.norm(d)
+    return OrderedDict((k, t / s) for k, t in d.items())
+
+
+def random_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float,
+                     n_samples: int = 10, *, loss_fn: LossFn = F.cross_entropy,
+                     weights: Weights | None = None, filter_normalized: bool = False,
+                     bn: str = "eval", generator: torch.Generator | None = None) -> Sharpness:
+    """Average rise ``(1/S) Σ_s L(θ + ρu_s) − L(θ)``.
+
+    ``u_s`` is uniform on the unit sphere of the whole parameter vector (so ``‖ρu‖ = ρ``), or,
+    with ``filter_normalized=True``, a filter-normalised Gaussian direction
+    (:func:`.directions.random`: each filter of ``u`` has the norm of θ's filter, biases and
+    norm parameters do not move), so that ρ is a *relative* radius. For a quadratic with
+    Hessian ``H`` the unit-sphere version is ``ρ² tr(H)/(2n)``.
+    """
+    rho = _positive(rho, "rho")
+    n_samples = _positive_int(n_samples, "n_samples")
+    op = HVPOperator(model, x, y, loss_fn, weights=weights, bn=bn)
+    base = op.loss()
+    rises = []
+    for _ in range(n_samples):
+        u = (D.random(op.weights, norm="filter", generator=generator) if filter_normalized
+             else _unit_sphere(op.weights, generator))
+        rises.append(op.loss(P.combine(op.weights, [u], [rho])) - base)
+    r = np.asarray(rises)
+    return Sharpness(float(r.mean()), base, base + float(r.mean()), rho, r)
+
+
+def worst_case_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float,
+                         steps: int = 10, *, step_size: float = 0.5,
+                         loss_fn: LossFn = F.cross_entropy, weights: Weights | None = None,
+                         bn: str = "eval", generator: torch.Generator | None = None) -> Sharpness:
+    """``max_{‖ε‖≤ρ} L(θ + ε) − L(θ)``, approximated from below by projected gradient ascent.
+
+    Start at SAM's first-order solution ``ε₀ = ρ g/‖g‖`` (``g = ∇L(θ)``; a random point on the
+    sphere if ``g = 0``); then ``steps`` times ``ε ← Π_ρ(ε + step_size·ρ·∇L(θ+ε)/‖∇L(θ+ε)‖)``,
+    with ``Π_ρ`` the projection onto the ball. The best value seen is returned, so the estimate
+    never decreases with more steps (``steps=0`` is SAM's one-step approximation).
+    """
+    rho = _positive(rho, "rho")
+    step_size = _positive(step_size, "step_size")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer (0, 1, 2, ...), got {steps!r}")
+    op = HVPOperator(model, x, y, loss_fn, weights=weights, bn=bn)
+    base = op.loss()
+    g = op.gradient()
+    gn = P.norm(g)
+    eps = (OrderedDict((k, t * (rho / gn)) for k, t in g.items()) if gn > 0
+           else OrderedDict((k, t * rho) for k, t in _unit_sphere(op.weights, generator).items()))
+    best = op.loss(P.combine(op.weights, [eps], [1.0]))
+    history = [best]
+    for _ in range(steps):
+        g = op.gradient(P.combine(op.weights, [eps], [1.0]))
+        gn = P.norm(g)
+        if gn == 0:
+            break
+        eps = OrderedDict((k, eps[k] + g[k] * (step_size * rho / gn)) for k in eps)
+        en = P.norm(eps)
+        if en > rho:  # projection onto the ball of radius ρ
+            eps = OrderedDict((k, t * (rho / en)) for k, t in eps.items())
+        value = op.loss(P.combine(op.weights, [eps], [1.0]))
+        history.append(value)
+        best = max(best, value)
+    return Sharpness(best - base, base, best, rho, np.asarray(history) - base)
+
+
+# --- the largest stable learning rate --------------------------------------------------------
+
+@dataclass
+class CriticalLR:
+    """Bisection for the largest stable learning rate: the estimate ``lr`` (geometric mean of
+    the final bracket ``[stable, diverged]``) and every trial ``(lr, diverged, final loss)``."""
+
+    lr: float
+    stable: float
+    diverged: float
+    trials: list
+
+
+def _diverges(model: nn.Module, start: Mapping[str, torch.Tensor], x, y, make_optimizer,
+              lr: float, batch_size: int, steps: int, blowup: float, seed: int,
+              loss_fn: LossFn, initial: float) -> tuple[bool, float]:
+    """Train ``steps`` steps from ``start`` at ``lr``; diverged if non-finite or the final
+    loss on ``(x, y)`` exceeds ``blowup``·initial."""
+    P.load(model, start)
+    model.train()
+    opt = make_optimizer(model.parameters(), lr)
+    g = torch.Generator().manual_seed(seed)  # the same batches for every trial
+    n = len(x)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=g)[:batch_size].to(x.device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        if not torch.isfinite(loss):
+            return True, float("inf")
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        model.eval()
+        final = float(loss_fn(model(x), y))
+    return (not math.isfinite(final)) or final > blowup * initial, final
+
+
+def critical_learning_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           make_optimizer: Callable, batch_size: int, *,
+                           lr_range: tuple[float, float] = (1e-3, 10.0), steps: int = 100,
+                           blowup: float = 3.0, rel_tol: float = 0.1, seed: int = 0,
+                           loss_fn: LossFn = F.cross_entropy, max_expand: int = 6) -> CriticalLR:
+    """The largest learning rate at which ``steps`` optimizer steps from the model's current
+    weights do not diverge, by bisection on a log scale.
+
+    ``make_optimizer(params, lr)`` builds the optimizer (e.g. ``lambda p, lr:
+    torch.optim.SGD(p, lr)``); batches of ``batch_size`` are drawn from ``(x, y)`` with the
+    same seed in every trial (common random numbers). "Diverged" means a non-finite loss, or a
+    final loss on all of ``(x, y)`` above ``blowup`` times the initial one. The bracket
+    ``lr_range`` is widened (×4 per try, at most ``max_expand`` times) until its low end is
+    stable and its high end diverges; bisection stops when ``diverged/stable ≤ 1 + rel_tol``.
+    The model's weights are restored afterwards. For SGD on a quadratic with full batches the
+    answer is ``2/λ_max``.
+    """
+    batch_size = _positive_int(batch_size, "batch_size")
+    steps = _positive_int(steps, "steps")
+    rel_tol, blowup = _positive(rel_tol, "rel_tol"), _positive(blowup, "blowup")
+    lo, hi = (_positive(v, "lr_range bounds") for v in lr_range)
+    if lo >= hi:
+        raise ValueError(f"lr_range must be (low, high) with 0 < low < high, got {lr_range}")
+    start = P.state(model)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        initial = float(loss_fn(model(x), y))
+    trials: list = []
+
+    def test(lr):
+        div, final = _diverges(model, start, x, y, make_optimizer, lr, batch_size, steps,
+                               blowup, seed, loss_fn, initial)
+        trials.append((lr, div, final))
+        return div
+
+    try:
+        for _ in range(max_expand):
+            if not test(lo):
+                break
+            lo, hi = lo / 4, lo
+        else:
+            raise ValueError(f"even lr={lo:g} diverges; lower lr_range")
+        for _ in range(max_expand):
+            if test(hi):
+                break
+            lo, hi = hi, hi * 4
+        else:
+            raise ValueError(f"even lr={hi:g} is stable; raise lr_range")
+        while hi / lo > 1 + rel_tol:
+            mid = math.sqrt(lo * hi)
+            if test(mid):
+                hi = mid
+            else:
+                lo = mid
+    finally:
+        P.load(model, start)
+        model.train(was_training)
+    return CriticalLR(math.sqrt(lo * hi), lo, hi, trials)

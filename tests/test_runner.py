@@ -3,6 +3,7 @@ failing claim. Each run starts real Jupyter kernels through papermill."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -32,12 +33,13 @@ def book(tmp_path_factory):
     (root / "_config.yml").write_text("title: t\nrepository:\n  url: https://github.com/o/r\n")
     (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n"
                                    "- file: book/part/91-ok\n- file: book/part/92-raises\n"
-                                   "- file: book/part/93-claim-fails\n")
+                                   "- file: book/part/93-claim-fails\n- file: book/part/94-hangs\n")
     (root / "book" / "intro.md").write_text("# intro\n")
     chapters = {
         "91-ok": [START.format(n="91"), "claims.check('c ok', 1.0, '>', 0.5)\nclaims.report();"],
         "92-raises": ["x = 1", "raise ValueError('boom in cell three')"],
         "93-claim-fails": [START.format(n="93"), "claims.check('c bad', 1.0, '<', 0.5)\nclaims.report();"],
+        "94-hangs": ["import time\ntime.sleep(600)"],
     }
     for name, cells in chapters.items():
         nbformat.write(_nb(cells), root / "book" / "part" / f"{name}.ipynb")
@@ -50,7 +52,7 @@ def _run(root, *args):
 
 
 def test_failures_are_reported_and_the_others_go_on(book):
-    proc = _run(book, "run", "--profile", "cpu", "--jobs", "2")
+    proc = _run(book, "run", "--profile", "cpu", "--jobs", "2", "91", "92", "93")
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
     lines = {l.split()[0]: l for l in out.splitlines() if l.startswith("  ")}
@@ -64,7 +66,7 @@ def test_failures_are_reported_and_the_others_go_on(book):
     assert (book / "_build/runs/cpu-seed0/book/part/91-ok.ipynb").exists()
 
     # a re-run resumes: the finished chapter is cached, the failed ones run again
-    again = _run(book, "run", "--profile", "cpu", "--jobs", "2")
+    again = _run(book, "run", "--profile", "cpu", "--jobs", "2", "91", "92", "93")
     lines = {l.split()[0]: l for l in again.stdout.splitlines() if l.startswith("  ")}
     assert "cached" in lines["91-ok"] and "FAILED" in lines["92-raises"]
 
@@ -85,12 +87,31 @@ def test_cache_key_depends_on_notebook_parameters_and_library(book):
 
 def test_chapter_selection(book):
     all_ch = runner.chapters(book)
-    assert [c.slug for c in all_ch] == ["91-ok", "92-raises", "93-claim-fails"]
+    assert [c.slug for c in all_ch] == ["91-ok", "92-raises", "93-claim-fails", "94-hangs"]
     assert [c.slug for c in runner.select(all_ch, ["91"])] == ["91-ok"]
     assert [c.slug for c in runner.select(all_ch, ["93-claim"])] == ["93-claim-fails"]
     assert [c.slug for c in runner.select(all_ch, ["raises"])] == ["92-raises"]
-    with pytest.raises(SystemExit, match="valid chapters: 91-ok, 92-raises, 93-claim-fails"):
+    with pytest.raises(SystemExit, match="valid chapters: 91-ok, 92-raises, 93-claim-fails, 94-hangs"):
         runner.select(all_ch, ["07"])
+
+
+def test_a_hanging_chapter_is_killed_and_retried_once(book):
+    t0 = time.time()
+    proc = _run(book, "run", "--profile", "cpu", "--timeout", "8", "94")
+    assert proc.returncode == 1
+    assert "FAILED" in proc.stdout and "timed out after 8 s (attempt 2 of 2)" in proc.stdout
+    assert time.time() - t0 < 120
+    # nothing is left running: neither papermill nor its kernel (found by the environment the
+    # runner gave them, which names this book's run directory)
+    marker = str(book / "_build" / "runs").encode()
+    left = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in env.read_bytes():
+                left.append(env.parent.name)
+        except OSError:
+            pass
+    assert not left, f"processes still running: {left}"
 
 
 def test_unknown_profile_is_rejected(book):

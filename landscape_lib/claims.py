@@ -12,7 +12,9 @@ ends the chapter with :class:`ClaimsFailed` if any claim does not hold; in ``smo
 settings, for CI) claims are recorded but not enforced.
 
 Comparisons: ``>``, ``>=``, ``<``, ``<=`` against a number, and ``in`` against a closed
-interval ``(low, high)``.
+interval ``(low, high)``. A claim the chapter does not expect to show at its scale is checked
+with ``gate=False``: recorded with its true verdict (and "not gated at this scale" in its note),
+never enforced.
 """
 from __future__ import annotations
 
@@ -109,12 +111,17 @@ def _number(value, what: str) -> float:
         raise TypeError(f"{what} must be a number, got {value!r}") from None
 
 
+NOT_GATED = "not gated at this scale"
+
+
 def check(claim: str, measured: float, comparison: str, threshold, *,
-          paper: str | None = None, note: str = "") -> Record:
+          paper: str | None = None, note: str = "", gate: bool = True) -> Record:
     """Record ``claim``: does ``measured <comparison> threshold`` hold?
 
     ``paper`` is the paper's own number or finding, for the table; ``note`` says what was
-    measured and how (seeds, scale).
+    measured and how (seeds, scale). ``gate=False`` records a claim that is *not expected* to
+    show at this scale (the chapter must say why): it is measured and shown on the scoreboard
+    with its true verdict, but :func:`report` does not fail the chapter on it.
     """
     if _current.chapter is None:
         raise RuntimeError("call claims.start(chapter, profile, seed) before claims.check")
@@ -130,6 +137,8 @@ def check(claim: str, measured: float, comparison: str, threshold, *,
     else:
         thr = _number(threshold, "threshold")
     holds = compare(value, comparison, thr)
+    if not gate:
+        note = f"{NOT_GATED}; {note}" if note else NOT_GATED
     rec = Record(_current.chapter, claim, value, comparison, thr, holds, paper, note,
                  _current.profile, _current.seed)
     _current.records = [r for r in _current.records if r.claim != claim] + [rec]
@@ -165,7 +174,8 @@ def table_html(recs: Sequence[Record] | None = None) -> str:
     recs = records() if recs is None else recs
     rows = []
     for r in recs:
-        verdict = "✓ holds" if r.holds else "✗ does not hold"
+        verdict = ("✓ holds" if r.holds else "✗ does not hold") + (
+            " (not gated)" if r.note.startswith(NOT_GATED) else "")
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}", _fmt(r.margin),
             verdict, r.paper or "", r.note)) + "</tr>")
@@ -185,7 +195,7 @@ def report() -> list[Record]:
     except ImportError:  # pragma: no cover
         for r in recs:
             print(r)
-    failed = [r for r in recs if not r.holds]
+    failed = [r for r in recs if not r.holds and not r.note.startswith(NOT_GATED)]
     if failed and _current.profile != "smoke":
         lines = "; ".join(f"{r.claim}: measured {_fmt(r.measured)}, needed {r.comparison} "
                           f"{_fmt(r.threshold)}" for r in failed)
@@ -216,9 +226,12 @@ def scoreboard_markdown(recs: Sequence[Record], titles: dict[str, str] | None = 
     profiles = sorted({r.profile for r in recs})
     seeds = sorted({r.seed for r in recs})
     held = sum(r.holds for r in recs)
+    ungated = sum(r.note.startswith(NOT_GATED) for r in recs)
     out = [f"**{held} of {len(recs)} claims hold** (profile {', '.join(profiles) or '-'}, "
            f"seed {', '.join(map(str, seeds)) or '-'}). In `smoke` claims are recorded, not "
-           f"enforced: the tiny settings are for testing the code, not the papers.\n"]
+           f"enforced: the tiny settings are for testing the code, not the papers. "
+           f"{ungated} claim(s) are measured but not gated, because their chapter explains why "
+           f"they are not expected to show at this scale.\n"]
     for ch in failed_chapters:
         out.append(f"- chapter {ch} failed to run; its table may be incomplete.")
     chapters: dict[str, list[Record]] = {}
@@ -233,7 +246,8 @@ def scoreboard_markdown(recs: Sequence[Record], titles: dict[str, str] | None = 
         out.append("|---|---|---|---|---|---|")
         for r in rs:
             cells = [r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}",
-                     "✓ holds" if r.holds else "✗ fails", r.paper or "", r.note]
+                     ("✓ holds" if r.holds else "✗ fails")
+                     + (" (not gated)" if r.note.startswith(NOT_GATED) else ""), r.paper or "", r.note]
             out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
                                          for c in cells) + " |")
     return "\n".join(out) + "\n"

@@ -65,13 +65,15 @@ def show(fig) -> None:
 
 
 def slider_figure(frames: Sequence[Sequence], labels: Sequence[str], *, slider_title: str,
-                  static: Sequence = (), active: int = 0, layout: dict | None = None):
+                  static: Sequence = (), active: int = 0, layout: dict | None = None,
+                  frame_layouts: Sequence[dict] | None = None):
     """A figure whose slider swaps between precomputed frames.
 
     ``frames[i]`` is the list of traces to show at slider position ``i`` (every frame has the
-    same number of traces, in the same roles); ``static`` traces stay fixed underneath. The
-    slider animates between named plotly frames with zero duration, which plotly.js does
-    in the browser without a kernel.
+    same number of traces, in the same roles); ``static`` traces stay fixed underneath.
+    ``frame_layouts[i]``, if given, is a layout update applied with frame ``i`` (e.g. axis
+    ranges that change with a radius). The slider animates between named plotly frames with
+    zero duration, which plotly.js does in the browser without a kernel.
     """
     import plotly.graph_objects as go
 
@@ -84,8 +86,11 @@ def slider_figure(frames: Sequence[Sequence], labels: Sequence[str], *, slider_t
         raise ValueError("every frame must have the same number of traces")
     if not 0 <= active < len(frames):
         raise ValueError(f"active frame {active} out of range 0..{len(frames) - 1}")
+    if frame_layouts is not None and len(frame_layouts) != len(frames):
+        raise ValueError(f"{len(frames)} frames but {len(frame_layouts)} frame layouts")
     fig = go.Figure(data=list(frames[active]) + list(static))
-    fig.frames = [go.Frame(data=list(f), traces=list(range(n)), name=str(i))
+    fig.frames = [go.Frame(data=list(f), traces=list(range(n)), name=str(i),
+                           layout=frame_layouts[i] if frame_layouts is not None else None)
                   for i, f in enumerate(frames)]
     steps = [dict(method="animate", label=str(lab),
                   args=[[str(i)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True},
@@ -95,6 +100,8 @@ def slider_figure(frames: Sequence[Sequence], labels: Sequence[str], *, slider_t
                       sliders=[dict(active=active, steps=steps, pad={"t": 40},
                                     currentvalue={"prefix": f"{slider_title}: "})],
                       **(layout or {}))
+    if frame_layouts is not None:
+        fig.update_layout(frame_layouts[active])
     return fig
 
 

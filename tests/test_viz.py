@@ -23,10 +23,18 @@ def test_slider_figure_has_one_step_per_frame():
     (dict(frames=_frames(2), labels=["a"]), "2 frames but 1 labels"),
     (dict(frames=[[go.Scatter()], [go.Scatter(), go.Scatter()]], labels=["a", "b"]), "same number of traces"),
     (dict(frames=_frames(2), labels=["a", "b"], active=5), "out of range"),
+    (dict(frames=_frames(2), labels=["a", "b"], frame_layouts=[{}]), "2 frames but 1 frame layouts"),
 ])
 def test_slider_figure_rejects_bad_frames(kwargs, match):
     with pytest.raises(ValueError, match=match):
         viz.slider_figure(slider_title="t", **kwargs)
+
+
+def test_frame_layouts_travel_with_their_frames():
+    lays = [{"xaxis": {"range": [-r, r]}} for r in (1, 2, 3)]
+    fig = viz.slider_figure(_frames(), ["1", "2", "3"], slider_title="R", active=2, frame_layouts=lays)
+    assert [tuple(f.layout.xaxis.range) for f in fig.frames] == [(-1, 1), (-2, 2), (-3, 3)]
+    assert tuple(fig.layout.xaxis.range) == (-3, 3)
 
 
 def test_html_output_does_not_embed_plotly_js():

@@ -18,8 +18,13 @@ as in the FGE, SWAG and deep-ensembles code: :func:`average` and :class:`Probabi
 Temperature scaling (Guo et al. 2017) fits one scalar ``T > 0`` minimising the NLL of
 ``softmax(logits / T)`` on held-out data (:func:`fit_temperature`, L-BFGS on ``log T``).
 
-These are small enough to write once here; the tests check them against scikit-learn's
-``log_loss`` / ``accuracy_score`` and against hand-computed cases.
+Which library does what: the metrics run on torch tensors where the predictions are (on a GPU
+too), so they are written here in a few lines each. scikit-learn's ``log_loss`` and
+``accuracy_score`` compute the same NLL and accuracy on NumPy arrays and serve as the tests'
+reference; its ``brier_score_loss`` and ``calibration_curve`` are binary-only, so the
+multi-class Brier score and the ECE are checked against hand-computed cases (torchmetrics'
+``MulticlassCalibrationError`` would be the same ECE, but not worth a dependency for it).
+Temperature scaling uses ``torch.optim.LBFGS``.
 """
 from __future__ import annotations
 

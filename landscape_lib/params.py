@@ -190,7 +190,3 @@ def layer_groups(model: nn.Module) -> "OrderedDict[str, list[str]]":
             groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
     return groups
 
-
-def is_norm_or_bias(name: str, tensor: torch.Tensor) -> bool:
-    """1-D parameters: biases and normalisation gains/shifts (Li et al.'s ``biasbn``)."""
-    return tensor.dim() <= 1

@@ -119,25 +119,6 @@ def line_figure(x, ys: dict, *, title: str = "", xaxis: str = "", yaxis: str = "
     return fig
 
 
-def contour_trace(surface, *, zmax: float | None = None, name: str = "loss", showscale=True,
-                  colorscale: str = "Viridis", ncontours: int = 30, log: bool = False):
-    """A filled contour trace of a :class:`~landscape_lib.landscape.Surface`'s loss.
-
-    ``zmax`` clips the colour scale (losses explode far from a minimum); ``log`` plots
-    ``log10(loss)``.
-    """
-    import plotly.graph_objects as go
-
-    z = np.asarray(surface.loss, dtype=float)
-    if log:
-        z = np.log10(np.maximum(z, 1e-12))
-    if zmax is not None:
-        z = np.minimum(z, zmax)
-    return go.Contour(x=surface.alphas, y=surface.betas, z=z, name=name, colorscale=colorscale,
-                      ncontours=ncontours, showscale=showscale,
-                      colorbar=dict(title="log10 loss" if log else "loss"))
-
-
 def show_source(obj: Callable | type) -> None:
     """Show the source of a library function or class (the reader sees what runs)."""
     from IPython.display import Code, display

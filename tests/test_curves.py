@@ -42,13 +42,18 @@ def test_endpoints_reproduce_the_end_models_exactly(kind, n_bends):
             assert torch.equal(curve.eval()(x, t), m_end.eval()(x))
 
 
-def test_bezier_matches_hand_computation_at_t_0_3():
+def _random_bend(kind):
+    """A one-bend curve between a pair of networks, its bend moved off the straight line."""
     ma, _, wa, wb = _pair()
-    curve = curves.Curve(ma, [wa, wb], kind="bezier", n_bends=1)
+    curve = curves.Curve(ma, [wa, wb], kind=kind, n_bends=1)
     with torch.no_grad():
         for p in curve.parameters():
             p.normal_()
-    theta = curve.bend_points()[0]
+    return curve, wa, wb, curve.bend_points()[0]
+
+
+def test_bezier_matches_hand_computation_at_t_0_3():
+    curve, wa, wb, theta = _random_bend("bezier")
     w = curve.weights(0.3)
     # (1−t)² = 0.49, 2t(1−t) = 0.42, t² = 0.09
     for k in w:
@@ -59,12 +64,7 @@ def test_bezier_matches_hand_computation_at_t_0_3():
 
 
 def test_polychain_formula_and_continuity_at_one_half():
-    ma, _, wa, wb = _pair()
-    curve = curves.Curve(ma, [wa, wb], kind="polychain", n_bends=1)
-    with torch.no_grad():
-        for p in curve.parameters():
-            p.normal_()
-    theta = curve.bend_points()[0]
+    curve, wa, wb, theta = _random_bend("polychain")
     mid = curve.weights(0.5)
     assert all(torch.equal(mid[k], theta[k]) for k in mid)
     left, right = curve.weights(0.5 - 1e-6), curve.weights(0.5 + 1e-6)

@@ -29,11 +29,13 @@ import concurrent.futures as cf
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,20 +206,44 @@ def run_chapter(ch: Chapter, profile: str, seed: int, device: str, out: Path, li
            "--profile", profile, "--seed", str(seed), "--device", device,
            "--status", str(status_file)]
     t0 = time.time()
-    status = None
-    for attempt in (1, 2):
+    notes, hangs, starts = [], 0, 0
+    while True:
         status = _execute_once(cmd, _chapter_env(profile, out), status_file, timeout)
-        if not status.pop("timed_out", False):
-            break
-        # A kernel that stops answering (seen rarely with nbclient under heavy load) is
-        # killed with its process group and the chapter is tried once more.
-        status["error"] = f"timed out after {timeout:.0f} s (attempt {attempt} of 2)"
-    if status["status"] == "ok" and attempt == 2:
-        status["note"] = "first attempt timed out"
+        if status.pop("timed_out", False):
+            hangs += 1
+            status["error"] = f"timed out after {timeout:.0f} s (attempt {hangs} of {HANG_ATTEMPTS})"
+            if hangs < HANG_ATTEMPTS:
+                notes.append(status["error"])
+                continue
+        elif _kernel_did_not_start(status):
+            starts += 1
+            if starts < KERNEL_STARTS:
+                notes.append(f"kernel did not start (attempt {starts} of {KERNEL_STARTS})")
+                time.sleep(random.uniform(0.5, 2.0))  # de-synchronise from the colliding kernel
+                continue
+        break
+    if notes:
+        status["note"] = "; ".join(notes)
     status["seconds"] = round(time.time() - t0, 2)
     status["key"] = key
     cache_file.write_text(json.dumps(status))
     return {**status, "cached": False}
+
+
+# A chapter is tried again only when it failed for a reason that is not the chapter's:
+# - its kernel never answered: jupyter_client picks the kernel's ports before the kernel binds
+#   them, so kernels started at the same moment by parallel chapters can collide and one dies with
+#   "Kernel died before replying to kernel_info" (tried up to KERNEL_STARTS times);
+# - it stopped answering and was killed at the timeout, seen rarely with nbclient under heavy
+#   load (tried up to HANG_ATTEMPTS times, since each costs a whole timeout).
+KERNEL_STARTS = 3
+HANG_ATTEMPTS = 2
+_KERNEL_START_ERRORS = ("Kernel died before replying to kernel_info", "Kernel didn't respond")
+
+
+def _kernel_did_not_start(status: dict) -> bool:
+    return (status["status"] != "ok" and status.get("cell") is None
+            and any(e in status.get("error", "") for e in _KERNEL_START_ERRORS))
 
 
 def _execute_once(cmd: list[str], env: dict, status_file: Path, timeout: float) -> dict:
@@ -237,7 +263,12 @@ def _execute_once(cmd: list[str], env: dict, status_file: Path, timeout: float) 
         return {"status": "failed", "cell": None, "error": f"timed out after {timeout:.0f} s",
                 "timed_out": True}
     if status_file.exists():
-        return json.loads(status_file.read_text())
+        status = json.loads(status_file.read_text())
+        if status["status"] != "ok" and status.get("cell") is None and stderr.strip():
+            # The chapter failed outside its cells (e.g. the kernel died while starting):
+            # the kernel's own last words are in papermill's stderr.
+            status["stderr"] = stderr.strip()[-2000:]
+        return status
     return {"status": "failed", "cell": None,
             "error": (stderr or stdout or "no output").strip()[-2000:]}
 
@@ -287,7 +318,8 @@ def cmd_run(args, root: Path | None = None) -> int:
             st = fut.result()
             if st["status"] == "ok":
                 tag = "cached" if st.get("cached") else "ok"
-                print(f"  {ch.slug:<{width}}  {tag:<7} {st['seconds']:7.1f} s", flush=True)
+                note = f"  ({st['note']})" if st.get("note") and not st.get("cached") else ""
+                print(f"  {ch.slug:<{width}}  {tag:<7} {st['seconds']:7.1f} s{note}", flush=True)
             else:
                 failed.append(ch.slug)
                 where = "no cell"
@@ -295,6 +327,8 @@ def cmd_run(args, root: Path | None = None) -> int:
                     where = f"cell {st['cell']}" + (f": {st['code']}" if st.get("code") else "")
                 print(f"  {ch.slug:<{width}}  FAILED  {st['seconds']:7.1f} s  ({where}) "
                       f"{st['error']}", flush=True)
+                if st.get("stderr"):
+                    print(textwrap.indent(st["stderr"], "      | "), flush=True)
     recs = gather_claims(root, out)
     held = sum(r.holds for r in recs)
     print(f"{len(todo) - len(failed)} of {len(todo)} chapter(s) ran; {held} of {len(recs)} "

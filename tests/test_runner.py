@@ -149,3 +149,27 @@ def test_chapter_notebooks_follow_the_template(root):
         assert "## Reproduction" in text and "## Summary" in text and "## Exercises" in text, ch.slug
         assert ":class: dropdown" in text and "viz.provenance(" in text, ch.slug
         assert "".join(cells[0]["source"]).startswith(f"# {int(ch.number)}. "), ch.slug
+
+
+def test_a_kernel_that_does_not_start_is_tried_again_but_a_failing_cell_is_not(book, monkeypatch, tmp_path):
+    """Kernels started at the same moment can collide on their ports; that is retried, with the
+    attempts noted. A chapter that fails in a cell is the chapter's fault and is not retried."""
+    died = {"status": "failed", "cell": None,
+            "error": "RuntimeError: Kernel died before replying to kernel_info"}
+    ok = {"status": "ok"}
+    raised = {"status": "failed", "cell": 4, "code": "raise ValueError(", "error": "ValueError: boom"}
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    ch = runner.chapters(book)[0]
+
+    def run_with(outcomes):
+        calls = iter(outcomes)
+        monkeypatch.setattr(runner, "_execute_once", lambda *a: dict(next(calls)))
+        st = runner.run_chapter(ch, "cpu", 0, "auto", tmp_path, "lib", True, 10.0)
+        return st, len(outcomes) - sum(1 for _ in calls)
+
+    st, used = run_with([died, ok])
+    assert st["status"] == "ok" and used == 2 and "kernel did not start (attempt 1 of 3)" in st["note"]
+    st, used = run_with([died, died, died, ok])
+    assert st["status"] == "failed" and used == 3 and "kernel_info" in st["error"]
+    st, used = run_with([raised, ok])
+    assert st["status"] == "failed" and used == 1 and st["cell"] == 4

@@ -12,8 +12,10 @@
 ``_build/runs/<profile>-seed<N>/``, several at once, each single-threaded in ``smoke``/``cpu``.
 A failing chapter is reported with its failing cell while the others go on; the exit status
 is non-zero if any failed. A finished chapter is cached under a hash of its notebook, its
-parameters and the library's source, so a re-run resumes where it stopped. The run directory's
-``claims.json`` gathers every chapter's claim records.
+parameters and the library's source, so a re-run resumes where it stopped. A chapter is
+started again only when the failure was not its own: a kernel that died before answering (up
+to three starts) or one that hung past the profile's timeout (killed, and tried once more).
+The run directory's ``claims.json`` gathers every chapter's claim records.
 
 ``build`` runs (cached), stages the executed notebooks with ``_config.yml``/``_toc.yml``, the
 generated scoreboard page and ``plotly.min.js`` in ``_build/src``, and calls

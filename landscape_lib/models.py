@@ -10,6 +10,10 @@
   64k channels (``width=k`` gives Wide-ResNet-style widening), ``skip=False`` for the
   "noshort" variant of Li et al. (2018), ``norm`` in ``batch/group/layer/none``.
 * :class:`VGG` — VGG-9/11/16 for CIFAR, with or without batch norm.
+* :class:`WideResNet` — Zagoruyko & Komodakis's pre-activation WRN-``depth``-``k`` (depth
+  ``6n+4``), the network of the SGDR, SWA, SWAG, FreeTickets and DP-at-scale papers.
+* :class:`ViT` — a tiny Vision Transformer (pre-LayerNorm blocks, a class token, learned
+  position embeddings) over 2-D patches of images or 1-D patches of sequences such as MNIST-1D.
 
 :func:`build` makes any of them by name and checks the name. Every model accepts inputs of any
 shape it can flatten or convolve; none needs special layers for the landscape tools, which
@@ -17,6 +21,7 @@ work through ``torch.func.functional_call``.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -25,7 +30,7 @@ from torch import nn
 
 NORMS = ("batch", "group", "layer", "none")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-MODELS = ("mlp", "cnn1d", "resmlp", "resnet", "vgg")
+MODELS = ("mlp", "cnn1d", "resmlp", "resnet", "vgg", "wrn", "vit")
 
 
 def _check_norm(norm: str | None) -> str:
@@ -256,6 +261,156 @@ class VGG(nn.Module):
         return self.classifier(self.features(x))
 
 
+class PreActBlock(nn.Module):
+    """The WRN block: ``norm → ReLU → conv3x3(stride) → norm → ReLU → dropout → conv3x3``, plus
+    the input (or, on a change of shape, a 1x1 convolution of the pre-activated input)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, dropout: float,
+                 groups: int = 16):
+        super().__init__()
+        self.bn1 = norm_2d(norm, c_in, groups)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = norm_2d(norm, c_out, groups)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+                         if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(x))
+        h = self.conv2(self.drop(torch.relu(self.bn2(self.conv1(a)))))
+        return h + (x if self.shortcut is None else self.shortcut(a))
+
+
+class WideResNet(nn.Module):
+    """Wide residual network WRN-d-k (Zagoruyko & Komodakis 2016) for 32x32 inputs.
+
+    ``depth = 6n + 4`` (16, 22, 28, 40, …): a 3x3 stem with 16 channels, three groups of ``n``
+    pre-activation blocks with ``16k, 32k, 64k`` channels (stride 2 at the start of groups 2
+    and 3), then norm → ReLU → global average pool → linear. WRN-28-10 has 36,479,194
+    parameters on CIFAR-10; ``norm="group"`` gives the GroupNorm WRN of De et al. (2022).
+    """
+
+    def __init__(self, depth: int = 16, width: int = 4, n_classes: int = 10, norm: str = "batch",
+                 dropout: float = 0.0, in_channels: int = 3, groups: int = 16):
+        super().__init__()
+        norm = _check_norm(norm)
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), "
+                             f"got {depth}")
+        if width < 1:
+            raise ValueError(f"WRN width must be a positive integer, got {width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        n = (depth - 4) // 6
+        widths = [16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        stages, c_in = [], 16
+        for g, c in enumerate(widths):
+            stages.append(nn.Sequential(*[
+                PreActBlock(c_in if b == 0 else c, c, 2 if (b == 0 and g > 0) else 1,
+                            norm, dropout, groups) for b in range(n)]))
+            c_in = c
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = norm_2d(norm, widths[-1], groups)
+        self.fc = nn.Linear(widths[-1], n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.fc(torch.relu(self.bn(h)).mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    r"""Multi-head self-attention, written out so that ``torch.func`` transforms see every step:
+
+    .. math:: \mathrm{softmax}\big(Q K^\top / \sqrt{d_h}\big) V, \qquad Q, K, V = x W_{qkv},
+
+    per head, then an output projection. The product is written out rather than calling
+    ``F.scaled_dot_product_attention``, whose fused CPU kernel has no ``vmap`` batching rule
+    (``landscape``'s batched path would fall back to a slow loop); at a tiny ViT's sequence
+    lengths the plain product costs nothing extra.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"ViT dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)
+        out = att @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                 nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT(nn.Module):
+    """A tiny Vision Transformer (Dosovitskiy et al. 2021).
+
+    Inputs ``[B, C, H, W]`` are cut into ``patch x patch`` squares, inputs ``[B, L]`` or
+    ``[B, C, L]`` (sequences such as MNIST-1D) into runs of ``patch`` samples; each patch is
+    embedded linearly (a strided convolution), a class token and learned position embeddings are
+    added, ``depth`` pre-LayerNorm blocks follow, and the class token's final LayerNorm feeds the
+    linear head. The LayerNorms are the "normalisation layers" of SAM-ON on ViTs.
+    """
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int = 10, patch: int = 4,
+                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2):
+        super().__init__()
+        shape = tuple(input_shape)
+        if len(shape) == 3:
+            c, h, w = shape
+            if h % patch or w % patch:
+                raise ValueError(f"image size {h}x{w} is not a multiple of patch {patch}")
+            self.embed: nn.Module = nn.Conv2d(c, dim, patch, patch)
+            tokens = (h // patch) * (w // patch)
+        elif len(shape) in (1, 2):
+            c, length = (1, shape[0]) if len(shape) == 1 else shape
+            if length % patch:
+                raise ValueError(f"sequence length {length} is not a multiple of patch {patch}")
+            self.embed = nn.Conv1d(c, dim, patch, patch)
+            tokens = length // patch
+        else:
+            raise ValueError(f"ViT takes (L,), (C, L) or (C, H, W) inputs, got {shape}")
+        if min(depth, heads, dim, mlp_ratio) < 1:
+            raise ValueError("ViT depth, heads, dim and mlp_ratio must be positive")
+        self.input_shape = shape
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.input_shape) == 1:
+            x = x.reshape(x.shape[0], 1, -1)
+        t = self.embed(x).flatten(2).transpose(1, 2)  # [B, tokens, dim]
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        return self.head(self.ln(self.blocks(t))[:, 0])
+
+
 def build(name: str, *, input_shape: Sequence[int], n_classes: int, **kwargs) -> nn.Module:
     """Make a model by name for inputs of ``input_shape`` (one example, no batch dimension).
 
@@ -271,6 +426,8 @@ def build(name: str, *, input_shape: Sequence[int], n_classes: int, **kwargs) ->
         return MLP(flat, n_classes=n_classes, **kwargs)
     if name == "resmlp":
         return ResMLP(flat, n_classes=n_classes, **kwargs)
+    if name == "vit":
+        return ViT(shape, n_classes=n_classes, **kwargs)
     if name == "cnn1d":
         length = shape[-1]
         in_ch = shape[0] if len(shape) == 2 else 1
@@ -279,6 +436,8 @@ def build(name: str, *, input_shape: Sequence[int], n_classes: int, **kwargs) ->
         raise ValueError(f"model {name!r} needs image inputs (C, H, W), got input_shape {shape}")
     if name == "resnet":
         return ResNet(n_classes=n_classes, in_channels=shape[0], **kwargs)
+    if name == "wrn":
+        return WideResNet(n_classes=n_classes, in_channels=shape[0], **kwargs)
     return VGG(n_classes=n_classes, in_channels=shape[0], **kwargs)
 
 

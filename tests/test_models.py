@@ -13,6 +13,11 @@ from landscape_lib import models
     ("resnet", (3, 32, 32), dict(depth=8, norm="group")),
     ("resnet", (3, 32, 32), dict(depth=8, skip=False, norm="none")),
     ("vgg", (3, 32, 32), dict(depth=9, norm="batch")),
+    ("wrn", (3, 32, 32), dict(depth=10, width=1, dropout=0.3)),
+    ("wrn", (3, 32, 32), dict(depth=10, width=2, norm="group")),
+    ("vit", (3, 32, 32), dict(patch=8, dim=16, depth=1, heads=2)),
+    ("vit", (40,), dict(patch=4, dim=16, depth=2, heads=4)),
+    ("vit", (2, 40), dict(patch=5, dim=8, depth=1, heads=1)),
 ])
 def test_build_gives_logits_of_the_right_shape(name, shape, kw):
     net = models.build(name, input_shape=shape, n_classes=7, **kw)
@@ -52,6 +57,12 @@ def test_skip_switch_changes_the_function_not_the_parameters():
     (lambda: models.VGG(13), "valid depths: 9, 11, 16"),
     (lambda: models.build("resnet", input_shape=(40,), n_classes=2), "image inputs"),
     (lambda: models.MLP(0, (8,), 2), "positive"),
+    (lambda: models.WideResNet(20), "6n\\+4"),
+    (lambda: models.WideResNet(16, width=0), "positive"),
+    (lambda: models.WideResNet(16, norm="instance"), "valid norms"),
+    (lambda: models.ViT((3, 32, 32), patch=5), "multiple of patch"),
+    (lambda: models.ViT((40,), dim=10, heads=4), "divisible"),
+    (lambda: models.ViT((1, 2, 3, 4)), "\\(L,\\), \\(C, L\\) or \\(C, H, W\\)"),
 ])
 def test_bad_arguments_name_the_choices(call, match):
     with pytest.raises(ValueError, match=match):
@@ -70,3 +81,68 @@ def test_scale_init_scales_weights_only():
     with pytest.raises(ValueError, match="positive"):
         models.scale_init(net, 0)
     assert models.count_parameters(net) == 4 * 8 + 8 + 2 * 8 + 8 * 2 + 2
+
+
+@pytest.mark.parametrize("depth,width,classes,count", [
+    (28, 10, 10, 36_479_194), (28, 10, 100, 36_536_884), (16, 10, 100, 17_174_324)])
+def test_wide_resnet_has_the_published_parameter_counts(depth, width, classes, count):
+    """Counts of the reference WRN implementations (pre-activation, bias-free convolutions)."""
+    net = models.WideResNet(depth, width, n_classes=classes)
+    assert models.count_parameters(net) == count
+    convs3 = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in net.modules())
+    assert convs3 == 1 + 2 * 3 * (depth - 4) // 6
+
+
+def test_wide_resnet_blocks_are_pre_activation_and_groupnorm_has_the_asked_groups():
+    torch.manual_seed(0)
+    block = models.PreActBlock(4, 4, 1, "batch", 0.0).eval()
+    x = torch.randn(2, 4, 6, 6)
+    a = torch.relu(block.bn1(x))
+    ref = x + block.conv2(torch.relu(block.bn2(block.conv1(a))))
+    assert torch.allclose(block(x), ref)
+    gn = models.WideResNet(16, 4, norm="group", groups=16)
+    norms = [m for m in gn.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+    assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == 16 for m in norms)
+
+
+def test_vit_attention_equals_torch_multihead_attention():
+    """The hand-written attention against nn.MultiheadAttention with the same weights."""
+    torch.manual_seed(0)
+    att = models.Attention(16, 4)
+    ref = nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(att.qkv.weight)
+        ref.in_proj_bias.copy_(att.qkv.bias)
+        ref.out_proj.weight.copy_(att.proj.weight)
+        ref.out_proj.bias.copy_(att.proj.bias)
+    x = torch.randn(3, 5, 16)
+    assert torch.allclose(att(x), ref(x, x, x, need_weights=False)[0], atol=1e-6)
+
+
+def test_vit_parameter_count_and_token_count():
+    dim, depth, mlp, patch, classes = 16, 2, 2, 4, 10
+    vit = models.ViT((3, 32, 32), classes, patch=patch, dim=dim, depth=depth, heads=2, mlp_ratio=mlp)
+    tokens = (32 // patch) ** 2 + 1
+    block = (2 * 2 * dim) + (3 * dim * dim + 3 * dim) + (dim * dim + dim) \
+        + (dim * mlp * dim + mlp * dim) + (mlp * dim * dim + dim)
+    expected = (3 * patch * patch * dim + dim) + dim + tokens * dim + depth * block \
+        + 2 * dim + dim * classes + classes
+    assert models.count_parameters(vit) == expected
+    assert vit.pos.shape == (1, tokens, dim)
+
+
+def test_vit_and_wrn_work_with_the_landscape_tools():
+    """Both go through torch.func: the vmap path equals the per-point loop."""
+    import numpy as np
+    from landscape_lib import directions, landscape, params
+    torch.manual_seed(0)
+    for net, x in [(models.ViT((40,), 10, dim=16, depth=1, heads=2), torch.randn(16, 40)),
+                   (models.WideResNet(10, 1, norm="group"), torch.randn(4, 3, 32, 32))]:
+        net.eval()
+        y = torch.randint(0, 10, (x.shape[0],))
+        w = params.weights(net)
+        d = directions.random(w, norm="filter", generator=torch.Generator().manual_seed(1))
+        coeffs = np.linspace(-1, 1, 5)[:, None]
+        loop = landscape.evaluate(net, w, [d], coeffs, x, y, strategy="loop")
+        vm = landscape.evaluate(net, w, [d], coeffs, x, y, strategy="vmap", chunk_size=2)
+        assert np.allclose(loop.loss, vm.loss, rtol=1e-4, atol=1e-6)

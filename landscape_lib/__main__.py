@@ -234,7 +234,7 @@ def run_chapter(ch: Chapter, profile: str, seed: int, device: str, out: Path, li
 
 # A chapter is tried again only when it failed for a reason that is not the chapter's:
 # - its kernel died before answering ("Kernel died before replying to kernel_info"; seen once in
-#   CI with two chapters starting together, not reproduced in 100 parallel starts here). The
+#   CI with two chapters starting together, not reproduced in 96 parallel starts here). The
 #   known cause is a port race: jupyter_client picks free ports before the kernel binds them, so
 #   kernels started at the same moment can collide (tried up to KERNEL_STARTS times);
 # - it stopped answering and was killed at the timeout, seen rarely with nbclient under heavy

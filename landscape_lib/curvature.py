@@ -392,6 +392,19 @@ class LanczosResult:
             raise ValueError(f"j must be in 1..{len(self.alpha)}, got {j}")
         return ritz(self.alpha[:j], self.beta[:j - 1])[0]
 
+    def ritz_vector(self, k: int) -> torch.Tensor:
+        """The Ritz vector ``Vᵀu_k`` of ``ritz_values[k]`` (``k = -1``: the top one), where ``u_k``
+        is T's k-th eigenvector: unit norm, Rayleigh quotient ``θ_k``. Needs ``keep_basis=True``;
+        a good start vector for ``extremal_eigs``."""
+        if self.basis is None:
+            raise ValueError("ritz_vector needs the Lanczos basis: run lanczos(..., keep_basis=True)")
+        m = len(self.alpha)
+        if not -m <= k < m:
+            raise ValueError(f"k must be in -{m}..{m - 1}, got {k}")
+        u = (np.ones(1) if m == 1 else
+             scipy.linalg.eigh_tridiagonal(self.alpha, self.beta)[1][:, k])
+        return self.basis.T @ torch.as_tensor(u, dtype=self.basis.dtype, device=self.basis.device)
+
 
 def ritz(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ritz values and weights ``(θ_k, U_{0k}²)`` of the symmetric tridiagonal ``T(alpha, beta)``."""

@@ -166,6 +166,16 @@ def test_lanczos_ritz_values_match_eigh_extremes():
     # the Ritz values interlace: the top one grows with the number of steps
     tops = [res.ritz_at(j)[-1] for j in range(1, len(res.alpha) + 1)]
     assert np.all(np.diff(tops) >= -1e-10)
+    # the top Ritz vector is the dense Hessian's top eigenvector (up to sign), of Rayleigh
+    # quotient the top Ritz value
+    H = dense_hessian(model, x, y).double()
+    u = res.ritz_vector(-1)
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-10)
+    assert float(u @ H @ u) == pytest.approx(res.ritz_values[-1], rel=1e-8)
+    top = torch.linalg.eigh(H)[1][:, -1]
+    assert abs(float(u @ top)) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="keep_basis=True"):
+        C.lanczos(op, 3, generator=torch.Generator().manual_seed(0)).ritz_vector(-1)
 
 
 def test_lanczos_on_a_known_spectrum_has_no_ghosts():

@@ -59,3 +59,17 @@ def test_show_emits_html_in_book_mode(monkeypatch):
 def test_table_html_formats_numbers():
     html = viz.table_html([{"a": 0.123456789, "b": "x<y"}])
     assert "0.1235" in html and "x&lt;y" in html
+
+
+def test_interact_calls_the_function_once_with_initial_values_in_book_mode(monkeypatch):
+    import ipywidgets as widgets
+    monkeypatch.setenv("LANDSCAPE_BOOK", "1")
+    calls = []
+    viz.interact(lambda a, b, c, d: calls.append((a, b, c, d)),
+                 a=widgets.FloatSlider(value=0.3, min=0, max=1), b=["x", "y"], c=True, d={"k": 1})
+    assert calls == [(0.3, "x", True, "k")]
+    with pytest.raises(TypeError, match="pass a widget"):
+        viz.interact(lambda a: None, a=(0, 1, 0.1))
+    monkeypatch.setenv("LANDSCAPE_BOOK", "0")
+    out = viz.interact(lambda a: calls.append(a), a=widgets.IntSlider(value=4, min=0, max=9))
+    assert calls[-1] == 4 and out is not None  # ipywidgets.interact ran the function once

@@ -1,4 +1,4 @@
-"""Weight averaging, its posterior and the learning-rate schedules that feed it.
+"""Weight averaging and its posterior: SWA, EMA, periodic and multi-round SWA, iterate averaging, SWAG.
 
 Everything here stands on ``torch.optim.swa_utils``: :class:`~torch.optim.swa_utils.AveragedModel`
 holds every average (equal weights by default, or an EMA through ``multi_avg_fn``),
@@ -44,20 +44,8 @@ mean *after* including θ_i (as the official code). The posterior is ``N(θ̄, s
 (``scale`` multiplies the covariance, its square root the noise). :func:`bma` averages the
 predicted probabilities of ``S`` samples, each with its BatchNorm statistics recomputed.
 
-**Schedules** are plain functions of the *fractional* epoch ``e`` (epoch + batch/batches),
-turned into a ``torch.optim.lr_scheduler.LambdaLR`` stepped per batch by :func:`per_batch`:
-
-* :func:`swa_lr` — the SWA reference code's schedule: with ``t = e / swa_start``, the factor is
-  1 for ``t ≤ ½``, falls linearly to ``swa_lr / lr_init`` by ``t = 0.9`` and stays there.
-* :func:`triangular_lr` — FGE's cycle (Garipov et al., NeurIPS 2018): with position
-  ``s = (e mod c)/c`` in a cycle of ``c`` epochs, ``lr = α₁(1−2s) + α₂·2s`` for ``s < ½`` and
-  ``α₁(2s−1) + α₂(2−2s)`` after: α₁ at the cycle ends, α₂ (the small one, where snapshots are
-  taken) in the middle. PyTorch's ``CyclicLR`` starts at its *base* and goes up, so it would
-  need a phase shift.
-
-For SGDR use ``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts`` with
-``train.fit(..., scheduler_step="fractional")``; PyTorch's ``SWALR`` anneals into a constant
-SWA learning rate per epoch and can be used as it is.
+The learning-rate schedules that feed these averages (SWA's, FGE's triangular cycle,
+``per_batch``) live in :mod:`landscape_lib.schedules`.
 """
 from __future__ import annotations
 
@@ -72,59 +60,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_m
 
 from . import ensembles
 from . import params as P
+from . import schedules
 from . import train as T
 from .data import Dataset, n_batches
 
 MakeOptimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-def swa_lr(epoch: float, *, lr_init: float, swa_lr: float, swa_start: float) -> float:
-    """SWA-style learning rate at fractional ``epoch`` (constant, linear decay, constant)."""
-    if lr_init <= 0 or swa_lr <= 0:
-        raise ValueError(f"learning rates must be positive, got lr_init={lr_init}, swa_lr={swa_lr}")
-    if swa_start <= 0:
-        raise ValueError(f"swa_start must be positive, got {swa_start}")
-    t = epoch / swa_start
-    ratio = swa_lr / lr_init
-    if t <= 0.5:
-        factor = 1.0
-    elif t <= 0.9:
-        factor = 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4
-    else:
-        factor = ratio
-    return lr_init * factor
-
-
-def triangular_lr(epoch: float, *, lr_max: float, lr_min: float, cycle: float) -> float:
-    """FGE's triangular cycle: ``lr_max`` (α₁) at the cycle ends, ``lr_min`` (α₂) mid-cycle."""
-    if lr_max <= 0 or lr_min <= 0:
-        raise ValueError(f"learning rates must be positive, got lr_max={lr_max}, lr_min={lr_min}")
-    if cycle <= 0:
-        raise ValueError(f"cycle length must be positive, got {cycle}")
-    s = (epoch % cycle) / cycle
-    if s < 0.5:
-        return lr_max * (1.0 - 2.0 * s) + lr_min * 2.0 * s
-    return lr_max * (2.0 * s - 1.0) + lr_min * (2.0 - 2.0 * s)
-
-
-def per_batch(optimizer: torch.optim.Optimizer, lr_at: Callable[[float], float],
-              steps_per_epoch: int, start_epoch: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` that sets ``lr = lr_at(start_epoch + step / steps_per_epoch)``.
-
-    Step it once per batch (``train.fit(..., scheduler_step="batch")``). The optimizer's
-    initial ``lr`` is only the unit: every group gets ``lr_at(e)`` scaled by its own base lr
-    relative to the first group's.
-    """
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    # LambdaLR multiplies each group's ``initial_lr`` (set by an earlier scheduler, if any),
-    # not its current lr.
-    group = optimizer.param_groups[0]
-    base = group.get("initial_lr", group["lr"])
-    if base <= 0:
-        raise ValueError(f"the optimizer's lr must be positive, got {base}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(start_epoch + step / steps_per_epoch) / base)
 
 
 # --- SWA and EMA on AveragedModel -----------------------------------------------------------
@@ -256,8 +196,8 @@ def periodic_swa(model: nn.Module, data: Dataset, *, make_optimizer: MakeOptimiz
     Plain training for ``start`` epochs, then periods of ``period`` epochs: average the model
     at the end of every epoch of the period, and at its end :func:`restart` from the average
     with a fresh optimizer and a new, empty average. ``lr_at(e)`` (a function of the
-    fractional epoch, e.g. :func:`swa_lr`) sets the learning rate per batch across restarts, so
-    the backbone run with the same ``lr_at`` and ``generator`` sees the same learning rates and
+    fractional epoch, e.g. :func:`~landscape_lib.schedules.swa_lr`) sets the learning rate per
+    batch across restarts, so the backbone run with the same ``lr_at`` and ``generator`` sees the same learning rates and
     batches. ``restart_last=False`` leaves the final iterate in ``model`` instead of the last
     average. ``eval_every``: evaluate the running average every this many epochs (and at each
     period's end; 0: only at the ends).
@@ -275,7 +215,7 @@ def periodic_swa(model: nn.Module, data: Dataset, *, make_optimizer: MakeOptimiz
     result = PeriodicResult(history)
 
     def fit(opt, n, callbacks=()):
-        sched = None if lr_at is None else per_batch(opt, lr_at, steps, start_epoch=len(history))
+        sched = None if lr_at is None else schedules.per_batch(opt, lr_at, steps, start_epoch=len(history))
         T.fit(model, data, optimizer=opt, epochs=n, batch_size=batch_size, scheduler=sched,
               generator=generator, augment=augment, callbacks=list(callbacks),
               start_epoch=len(history), history=history, progress=False)

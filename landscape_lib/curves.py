@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import averaging, data as D, directions, params as P, train
+from . import data as D, directions, params as P, schedules, train
 
 KINDS = ("bezier", "polychain")
 
@@ -257,7 +257,7 @@ def fit(curve: Curve, data: D.Dataset, *, epochs: int, lr: float, weight_decay: 
     """Train the bends: one ``t ~ U[0, 1]`` per batch, loss ``L(φ(t)) + ½·wd·‖φ(t)‖²``.
 
     SGD with momentum (optimiser weight decay 0) and the official code's schedule (the SWA
-    shape, :func:`~landscape_lib.averaging.swa_lr`): ``lr`` for the first 50 % of the epochs,
+    shape, :func:`~landscape_lib.schedules.swa_lr`): ``lr`` for the first 50 % of the epochs,
     linear decay to ``final_lr_ratio·lr`` by 90 %, then constant. Runs through
     :func:`landscape_lib.train.fit` (progress bar, divergence detection, history; no test
     evaluation, which has no meaning at a random ``t``); ``fit_kwargs`` go there (``augment``,
@@ -271,7 +271,7 @@ def fit(curve: Curve, data: D.Dataset, *, epochs: int, lr: float, weight_decay: 
         raise ValueError("the curve has no bends to train (n_bends=0 is the straight line)")
     opt = torch.optim.SGD(curve.parameters(), lr=lr, momentum=momentum, weight_decay=0.0)
     steps = D.n_batches(len(data.x_train), batch_size)
-    sched = averaging.per_batch(opt, lambda e: averaging.swa_lr(
+    sched = schedules.per_batch(opt, lambda e: schedules.swa_lr(
         e, lr_init=lr, swa_lr=lr * final_lr_ratio, swa_start=max(epochs, 1)), steps)
     fit_kwargs.setdefault("desc", f"{curve.kind} curve")
     return train.fit(curve, data, optimizer=opt, scheduler=sched, epochs=epochs,

@@ -15,6 +15,12 @@ Every metric takes class probabilities ``probs [N, K]`` (rows sum to one) and la
 An ensemble's prediction is the **mean of its members' probabilities** (not of their logits),
 as in the FGE, SWAG and deep-ensembles code: :func:`average` and :class:`ProbabilityAverager`.
 
+Members come from training runs: :class:`Members` collects them from one ``train.fit`` run —
+at given epochs (a ``callbacks`` entry: snapshot ensembles at SGDR's restarts, Huang et al.
+2017), or at given steps (an ``on_step`` hook: FGE's snapshot at the middle of every triangular
+cycle, Garipov et al. 2018, :meth:`Members.fge`) — keeping each member's test probabilities and,
+if asked, its weights.
+
 Temperature scaling (Guo et al. 2017) fits one scalar ``T > 0`` minimising the NLL of
 ``softmax(logits / T)`` on held-out data (:func:`fit_temperature`, L-BFGS on ``log T``).
 
@@ -28,9 +34,10 @@ Temperature scaling uses ``torch.optim.LBFGS``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 
 
 def _check(probs: torch.Tensor, y: torch.Tensor) -> None:
@@ -160,3 +167,99 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) 
 
     opt.step(closure)
     return float(log_t.detach().exp())
+
+
+# --- collecting members from a training run --------------------------------------------------
+
+class Members:
+    """Ensemble members collected during one ``train.fit`` run.
+
+    A member is taken at the end of every epoch in ``epochs`` (use :meth:`callback` in
+    ``fit(callbacks=...)``), or after every optimizer step ``t`` with ``t`` in ``steps`` or
+    ``t ≥ start`` and ``(t − start) % every == 0`` (use :meth:`hook` in ``fit(on_step=...)``).
+    For each member it keeps the probabilities it predicts for ``x`` (eval mode; BatchNorm
+    statistics as the model has them) and, with ``keep_weights=True``, a copy of its parameters
+    and buffers (``params.state``). ``when`` lists the epochs or steps at which members were
+    taken.
+    """
+
+    def __init__(self, x: torch.Tensor, *, epochs: Iterable[int] | None = None,
+                 steps: Iterable[int] | None = None, every: int | None = None, start: int = 1,
+                 keep_weights: bool = False, batch_size: int = 4096):
+        given = [epochs is not None, steps is not None, every is not None]
+        if sum(given) != 1:
+            raise ValueError("say when to take members: exactly one of epochs=[...], steps=[...] "
+                             "or every=N (steps, from start)")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 1:
+            raise ValueError(f"start must be a positive integer (1-based step), got {start!r}")
+        self.x, self.batch_size, self.keep_weights = x, batch_size, bool(keep_weights)
+        self.epochs = None if epochs is None else {int(e) for e in epochs}
+        self.steps = None if steps is None else {int(t) for t in steps}
+        self.every, self.start = every, start
+        self.probs: list[torch.Tensor] = []
+        self.weights: list[dict] = []
+        self.when: list[int] = []
+
+    @classmethod
+    def fge(cls, x: torch.Tensor, *, cycle: float, steps_per_epoch: int, start_epoch: float = 0,
+            **kwargs) -> "Members":
+        """FGE's members (Garipov et al. 2018): one at the middle of every cycle of
+        ``cycle`` epochs of :func:`~landscape_lib.schedules.triangular_lr`, after the steps of
+        the cycle's first half, when the rate has come down to its minimum α₂. Steps count from the start of the cycling run (``start_epoch`` shifts
+        them when the run continues a history)."""
+        period = cycle * steps_per_epoch
+        if period != int(period) or period < 2:
+            raise ValueError(f"a cycle must be a whole number (>= 2) of steps, got "
+                             f"{cycle} epochs × {steps_per_epoch} steps")
+        offset = round(start_epoch * steps_per_epoch)
+        return cls(x, every=int(period), start=offset + int(period) // 2, **kwargs)
+
+    def _take(self, model: nn.Module, t: int) -> None:
+        from . import params as P
+        from .train import predict_proba
+
+        self.probs.append(predict_proba(model, self.x, self.batch_size))
+        if self.keep_weights:
+            self.weights.append(P.state(model))
+        self.when.append(int(t))
+
+    def callback(self) -> Callable:
+        """A ``train.fit`` callback taking members at the end of the chosen epochs."""
+        if self.epochs is None:
+            raise ValueError("these members are taken at steps: use .hook() in fit(on_step=...)")
+
+        def cb(epoch: int, model: nn.Module):
+            if epoch in self.epochs:
+                self._take(model, epoch)
+
+        return cb
+
+    def hook(self) -> Callable:
+        """A ``train.fit`` ``on_step`` hook taking members after the chosen steps."""
+        if self.epochs is not None:
+            raise ValueError("these members are taken at epochs: use .callback() in fit(callbacks=...)")
+
+        def hook(step: int, model: nn.Module, optimizer) -> None:
+            due = (step in self.steps) if self.steps is not None else (
+                step >= self.start and (step - self.start) % self.every == 0)
+            if due:
+                self._take(model, step)
+
+        return hook
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def mean(self) -> torch.Tensor:
+        """The ensemble's prediction: the mean of the members' probabilities."""
+        return average(self.probs)
+
+    def running(self) -> list[torch.Tensor]:
+        """The ensemble's prediction after 1, 2, …, M members."""
+        avg, out = ProbabilityAverager(), []
+        for p in self.probs:
+            avg.add(p)
+            out.append(avg.mean)
+        return out

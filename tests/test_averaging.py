@@ -11,7 +11,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from landscape_lib import averaging as A
-from landscape_lib import train
+from landscape_lib import schedules, train
 from landscape_lib.data import Dataset
 
 
@@ -165,14 +165,14 @@ def test_periodic_swa_backbone_identity_without_restart_effects():
     """With period longer than the run and restart_last=False, PSWA is plain training: the
     iterate equals a fit with the same generator, lr schedule and optimizer."""
     ds = toy_data()
-    lr_at = lambda e: A.swa_lr(e, lr_init=0.1, swa_lr=0.02, swa_start=4)  # noqa: E731
+    lr_at = lambda e: schedules.swa_lr(e, lr_init=0.1, swa_lr=0.02, swa_start=4)  # noqa: E731
     a, b = mlp(seed=3), mlp(seed=3)
     A.periodic_swa(a, ds, make_optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9),
                    epochs=4, period=10, lr_at=lr_at, batch_size=16,
                    generator=torch.Generator().manual_seed(5), restart_last=False)
     opt = torch.optim.SGD(b.parameters(), lr=1.0, momentum=0.9)
     train.fit(b, ds, optimizer=opt, epochs=4, batch_size=16, progress=False,
-              scheduler=A.per_batch(opt, lr_at, 6), generator=torch.Generator().manual_seed(5))
+              scheduler=schedules.per_batch(opt, lr_at, 6), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(vec(a), vec(b), rtol=0, atol=0)
 
 
@@ -376,64 +376,3 @@ def test_bma_recomputes_batchnorm_for_every_sample():
         A.bma(model, swag, ds.x_test, bn_data=None)
     with pytest.raises(ValueError, match="n_samples"):
         A.bma(model, swag, ds.x_test, bn_data=ds.x_train, n_samples=0)
-
-
-# --- schedules -------------------------------------------------------------------------------
-
-def test_swa_lr_hand_values():
-    f = lambda e: A.swa_lr(e, lr_init=0.1, swa_lr=0.01, swa_start=10)  # noqa: E731
-    assert f(0) == pytest.approx(0.1)
-    assert f(5) == pytest.approx(0.1)            # t = 0.5: still constant
-    assert f(7) == pytest.approx(0.055)          # t = 0.7: 1 − 0.9·0.2/0.4 = 0.55
-    assert f(9) == pytest.approx(0.01)           # t = 0.9: reached swa_lr
-    assert f(25) == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="positive"):
-        A.swa_lr(1, lr_init=0.0, swa_lr=0.01, swa_start=10)
-    with pytest.raises(ValueError, match="swa_start"):
-        A.swa_lr(1, lr_init=0.1, swa_lr=0.01, swa_start=0)
-
-
-def test_triangular_lr_hand_values():
-    f = lambda e: A.triangular_lr(e, lr_max=0.1, lr_min=0.01, cycle=4)  # noqa: E731
-    assert [f(e) for e in (0, 1, 2, 3, 4, 6)] == pytest.approx([0.1, 0.055, 0.01, 0.055, 0.1, 0.01])
-    with pytest.raises(ValueError, match="positive"):
-        A.triangular_lr(0, lr_max=0.1, lr_min=-0.01, cycle=4)
-    with pytest.raises(ValueError, match="cycle"):
-        A.triangular_lr(0, lr_max=0.1, lr_min=0.01, cycle=0)
-
-
-def test_per_batch_sets_the_fractional_epoch_lr():
-    p = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.5)
-    lr_at = lambda e: A.triangular_lr(e, lr_max=0.2, lr_min=0.02, cycle=1)  # noqa: E731
-    sched = A.per_batch(opt, lr_at, steps_per_epoch=4, start_epoch=1.0)
-    lrs = []
-    for _ in range(5):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([lr_at(1 + k / 4) for k in range(5)])
-    with pytest.raises(ValueError, match="steps_per_epoch"):
-        A.per_batch(opt, lr_at, 0)
-    with pytest.raises(ValueError, match="lr must be positive"):
-        A.per_batch(torch.optim.SGD([p], lr=0.0), lr_at, 4)
-
-
-def test_per_batch_after_an_earlier_scheduler_uses_the_initial_lr():
-    """A second per-batch schedule on the same optimizer (e.g. continuing a run) sets the lr the
-    schedule asks for, although LambdaLR scales the stored initial_lr, not the current lr."""
-    from landscape_lib import averaging
-
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.05)
-    at = lambda e: averaging.swa_lr(e, lr_init=0.05, swa_lr=0.0005, swa_start=10)  # noqa: E731
-    first = averaging.per_batch(opt, at, steps_per_epoch=4)
-    for _ in range(8):
-        opt.step()
-        first.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(at(2.0))
-    second = averaging.per_batch(opt, at, steps_per_epoch=4, start_epoch=7)
-    assert opt.param_groups[0]["lr"] == pytest.approx(at(7.0))
-    opt.step()
-    second.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(at(7.25))

@@ -144,3 +144,74 @@ def test_errors_name_the_problem():
     avg.add(p)
     with pytest.raises(ValueError, match="shape"):
         avg.add(p[:5])
+
+
+# --- members collected from a training run ---------------------------------------------------
+
+def _members_run(members_kwargs, epochs=4, use="hook", lr_at=None):
+    from landscape_lib import data, models, schedules, train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, generator=g)
+    y = (x[:, 0] > 0).long()
+    ds = data.Dataset("toy", x, y, x[:20], y[:20], 2)
+    torch.manual_seed(0)
+    net = models.MLP(3, (8,), 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    members = E.Members(ds.x_test, **members_kwargs)
+    lrs, probs_at = [], {}
+
+    def record(step, model, optimizer):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        probs_at[step] = train.predict_proba(model, ds.x_test)
+
+    sched = None if lr_at is None else schedules.per_batch(opt, lr_at, 4)
+    kw = dict(on_step=[record, members.hook()]) if use == "hook" else dict(
+        on_step=[record], callbacks=[members.callback()])
+    train.fit(net, ds, optimizer=opt, epochs=epochs, batch_size=24, scheduler=sched,
+              progress=False, eval_every=0, **kw)
+    return members, lrs, probs_at
+
+
+def test_members_at_epochs_are_the_models_at_those_epoch_ends():
+    members, _, probs_at = _members_run(dict(epochs=[2, 4], keep_weights=True), use="callback")
+    assert members.when == [2, 4] and len(members) == 2
+    # 4 steps per epoch: the model at the end of epoch 2 is the one after step 8
+    assert torch.equal(members.probs[0], probs_at[8]) and torch.equal(members.probs[1], probs_at[16])
+    assert set(members.weights[0]) >= {"fc1.weight", "out.bias"}
+    torch.testing.assert_close(members.mean(), (probs_at[8] + probs_at[16]) / 2)
+    running = members.running()
+    assert torch.equal(running[0], members.probs[0]) and torch.equal(running[1], members.mean())
+
+
+def test_fge_members_sit_at_the_minimum_of_every_triangular_cycle():
+    from landscape_lib import schedules
+
+    lr_at = lambda e: schedules.triangular_lr(e, lr_max=0.1, lr_min=0.001, cycle=2)  # noqa: E731
+    members = E.Members.fge(torch.zeros(1, 3), cycle=2, steps_per_epoch=4)
+    assert (members.every, members.start) == (8, 4)
+    m, lrs, probs_at = _members_run(dict(every=8, start=4), epochs=6, lr_at=lr_at)
+    assert m.when == [4, 12, 20]
+    # a member is taken when the schedule reaches its minimum α₂: the next step's lr
+    assert [lrs[t] for t in m.when] == pytest.approx([0.001] * 3)
+    assert min(lrs) == pytest.approx(0.001)
+    assert all(torch.equal(p, probs_at[t]) for p, t in zip(m.probs, m.when))
+    shifted = E.Members.fge(torch.zeros(1, 3), cycle=2, steps_per_epoch=4, start_epoch=10)
+    assert shifted.start == 44
+
+
+def test_members_at_listed_steps_and_bad_arguments():
+    m, _, probs_at = _members_run(dict(steps=[1, 5]))
+    assert m.when == [1, 5] and torch.equal(m.probs[1], probs_at[5])
+    with pytest.raises(ValueError, match="exactly one of"):
+        E.Members(torch.zeros(1, 3), epochs=[1], every=2)
+    with pytest.raises(ValueError, match="exactly one of"):
+        E.Members(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        E.Members(torch.zeros(1, 3), every=0)
+    with pytest.raises(ValueError, match="use .hook"):
+        E.Members(torch.zeros(1, 3), every=2).callback()
+    with pytest.raises(ValueError, match="use .callback"):
+        E.Members(torch.zeros(1, 3), epochs=[2]).hook()
+    with pytest.raises(ValueError, match="whole number"):
+        E.Members.fge(torch.zeros(1, 3), cycle=1.5, steps_per_epoch=3)

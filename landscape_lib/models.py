@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -439,6 +439,26 @@ def build(name: str, *, input_shape: Sequence[int], n_classes: int, **kwargs) ->
     if name == "wrn":
         return WideResNet(n_classes=n_classes, in_channels=shape[0], **kwargs)
     return VGG(n_classes=n_classes, in_channels=shape[0], **kwargs)
+
+
+def factory(data, name: str, **kwargs) -> Callable[[], nn.Module]:
+    """A function that builds a fresh ``name`` model for ``data`` (its input shape and class
+    count) on ``data``'s device at every call, e.g. one network per seed.
+
+    The name is checked at once (nothing is built, so the random state is not touched until the
+    first call).
+
+    >>> make_model = factory(ds, "mlp", hidden=(256, 256), norm="batch")  # doctest: +SKIP
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+
+    def make() -> nn.Module:
+        return build(name, input_shape=data.input_shape, n_classes=data.n_classes,
+                     **kwargs).to(data.device)
+
+    make.__doc__ = f"A new {name} model ({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})."
+    return make
 
 
 @torch.no_grad()

@@ -76,8 +76,8 @@ def cosine_lr(epoch: float, *, lr_max: float, lr_min: float, epochs: float) -> f
     if not lr_min >= 0:
         raise ValueError(f"lr_min must be >= 0, got {lr_min!r}")
     _positive(epochs, "epochs")
-    t = min(max(epoch / epochs, 0.0), 1.0)
-    return lr_min + (lr_max - lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))
+    e = min(max(epoch, 0.0), epochs)
+    return lr_min + (lr_max - lr_min) * 0.5 * (1.0 + math.cos(math.pi * e / epochs))
 
 
 def phases(*parts: tuple[float, LrAt]) -> LrAt:

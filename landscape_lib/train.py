@@ -504,13 +504,15 @@ def fork(model: nn.Module, optimizer: torch.optim.Optimizer,
     """Copy a run between two :func:`fit` calls: weights, buffers (BatchNorm statistics), the
     optimizer with its state (momentum buffers, step counts, ``initial_lr``) bound to the copy's
     parameters, and the batch generator's state, so the copy continues exactly as the original
-    would. Both go on independently.
+    would. Both go on independently: nothing is shared (``opt2.load_state_dict(opt.state_dict())``
+    would share the momentum buffers, so each branch's steps would move the other's).
 
     The model and the optimizer are deep-copied *together* (one ``copy.deepcopy`` memo), which
     maps every parameter the optimizer refers to (in its groups and its state) to the copy's.
     An optimizer is copied attribute by attribute (``torch.optim.Optimizer.__getstate__`` keeps
     only its groups and state, which would drop a wrapper's own attributes), and an optimizer
-    held inside another (``averaging.IterateAveraging``) is copied the same way.
+    held inside another (``averaging.IterateAveraging``) is copied the same way. Schedulers are
+    not copied: make a new one for the copy (``schedules.per_batch(..., start_epoch=...)``).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"fork needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -533,5 +535,9 @@ def _copy_optimizer(optimizer: torch.optim.Optimizer, memo: dict) -> torch.optim
     for value in optimizer.__dict__.values():  # wrapped optimizers first, with all their attributes
         if isinstance(value, torch.optim.Optimizer):
             _copy_optimizer(value, memo)
-    new.__dict__.update(copy.deepcopy(optimizer.__dict__, memo))
+    # An lr scheduler replaces ``optimizer.step`` on the instance by a wrapper that holds a weak
+    # reference to *this* optimizer: copied, it would step the original. The copy keeps the
+    # class's ``step`` (a scheduler made for the copy patches it again).
+    own = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "_opt_called")}
+    new.__dict__.update(copy.deepcopy(own, memo))
     return new

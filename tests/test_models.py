@@ -146,3 +146,23 @@ def test_vit_and_wrn_work_with_the_landscape_tools():
         loop = landscape.evaluate(net, w, [d], coeffs, x, y, strategy="loop")
         vm = landscape.evaluate(net, w, [d], coeffs, x, y, strategy="vmap", chunk_size=2)
         assert np.allclose(loop.loss, vm.loss, rtol=1e-4, atol=1e-6)
+
+
+def test_factory_builds_a_fresh_model_per_call_for_the_data():
+    from landscape_lib import data as D
+
+    ds = D.Dataset("toy", torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), torch.zeros(2, 5),
+                   torch.zeros(2, dtype=torch.long), 3)
+    state = torch.random.get_rng_state()
+    make = models.factory(ds, "mlp", hidden=(7,), norm="batch")
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing built yet
+    a, b = make(), make()
+    assert a is not b and a.fc1.in_features == 5 and a.out.out_features == 3
+    assert isinstance(a.bn1, torch.nn.BatchNorm1d)
+    assert not torch.equal(a.fc1.weight, b.fc1.weight)  # two draws of the initialisation
+    torch.manual_seed(0)
+    ref = models.build("mlp", input_shape=(5,), n_classes=3, hidden=(7,), norm="batch")
+    torch.manual_seed(0)
+    assert torch.equal(make().fc1.weight, ref.fc1.weight)
+    with pytest.raises(ValueError, match="valid models: mlp"):
+        models.factory(ds, "transformer")

@@ -328,6 +328,11 @@ def test_fork_continues_exactly_like_the_original(blobs):
     assert all(id(p) in own for g in f.optimizer.param_groups for p in g["params"])
     assert all(id(p) in own for p in f.optimizer.state)
     assert len(f.optimizer.state) == len(opt.state) > 0
+    # the momentum buffers are copies, not shared (``load_state_dict(opt.state_dict())`` shares
+    # them: the hand-made branches of chapters 06 and 09 did, so each branch moved the other's)
+    for p, q in zip(net.parameters(), f.model.parameters()):
+        a, b = opt.state[p]["momentum_buffer"], f.optimizer.state[q]["momentum_buffer"]
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
     w_a, b_a = _continue(net, opt, gen, blobs)
     w_b, b_b = _continue(f.model, f.optimizer, f.generator, blobs)
     assert torch.equal(w_a, w_b) and all(torch.equal(x, y) for x, y in zip(b_a, b_b))
@@ -356,3 +361,27 @@ def test_fork_copies_a_wrapping_optimizer_and_rejects_foreign_parameters(blobs):
         train.fork(net, torch.optim.SGD([other], lr=0.1))
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         train.fork(net, "sgd")
+
+
+def test_a_fork_made_after_a_scheduler_steps_only_its_own_parameters(blobs):
+    """LR schedulers patch ``optimizer.step`` on the instance with a weak reference to it; a
+    copied patch would make the fork's optimizer step the original's parameters."""
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    gen = torch.Generator().manual_seed(0)
+    train.fit(net, blobs, optimizer=opt, epochs=1, batch_size=50, scheduler=sched, generator=gen,
+              progress=False, eval_every=0)
+    before = parameters_to_vector(net.parameters()).clone()
+    lr_before = opt.param_groups[0]["lr"]
+    f = train.fork(net, opt, gen)
+    _continue(f.model, f.optimizer, f.generator, blobs, epochs=1)
+    assert torch.equal(parameters_to_vector(net.parameters()), before)
+    assert not torch.equal(parameters_to_vector(f.model.parameters()), before)
+    # a scheduler for the fork works on the fork
+    sched2 = torch.optim.lr_scheduler.StepLR(f.optimizer, step_size=1, gamma=0.5)
+    lr = f.optimizer.param_groups[0]["lr"]
+    f.optimizer.step()
+    sched2.step()
+    assert f.optimizer.param_groups[0]["lr"] == pytest.approx(lr / 2)
+    assert opt.param_groups[0]["lr"] == lr_before

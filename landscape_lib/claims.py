@@ -1,11 +1,13 @@
 """Claims: a paper's statement in testable form, checked against what the chapter measured.
 
-Each chapter calls :func:`start` once, :func:`check` for every claim, and :func:`report` at the
-end. A check records
+Each chapter calls :func:`start` once, :func:`check` (one measured number) or
+:func:`check_seeds` (one value per seed, summarised by a statistic) for every claim, and
+:func:`report` at the end. A check records
 
-``chapter, claim, measured, comparison, threshold, holds, paper, note, profile, seed``
+``chapter, claim, measured, comparison, threshold, holds, gated, paper, note, reason, profile,
+seed, statistic, seeds, values, interval``
 
-(the keys of the run directory's ``claims.json``). Records are written to disk as soon as they
+(the keys of the run directory's ``claims.json``; the last four are set by :func:`check_seeds`). Records are written to disk as soon as they
 are made (when the runner sets ``LANDSCAPE_CLAIMS_DIR``), so a chapter that fails later still
 shows what it measured on the scoreboard. In the ``cpu`` and ``gpu`` profiles :func:`report`
 ends the chapter with :class:`ClaimsFailed` if any claim does not hold; in ``smoke`` (tiny
@@ -13,8 +15,24 @@ settings, for CI) claims are recorded but not enforced.
 
 Comparisons: ``>``, ``>=``, ``<``, ``<=`` against a number, and ``in`` against a closed
 interval ``(low, high)``. A claim the chapter does not expect to show at its scale is checked
-with ``gate=False``: recorded with its true verdict (and "not gated at this scale" in its note),
-never enforced.
+with ``gate=False`` and a one-sentence ``reason``: recorded with its true verdict and
+``gated: false``, never enforced.
+
+**Claims over seeds.** A gated claim must hold for any seed base, so a method comparison rests
+on several seeds, summarised by a statistic that is robust for their number
+(:func:`check_seeds`):
+
+* ``"mean"`` — the mean over seeds is compared with the threshold;
+* ``"bound"`` — the end of the two-sided ``level`` Student-t interval of the mean on the
+  threshold's side (the lower end for ``>``/``>=``, the upper end for ``<``/``<=``; both ends
+  for ``in``) is compared: the effect clears the threshold with its seed-to-seed spread;
+* ``"fraction"`` — the fraction of seeds whose value passes the comparison must be at least
+  ``fraction``;
+* ``"sign"`` — a one-sided sign test: the p-value of seeing at least as many seeds pass the
+  comparison if each passed with probability ½ must be at most ``alpha`` (with 5 seeds all
+  passing, p = 1/32).
+
+The record keeps the per-seed values and the interval, and the tables show the spread.
 """
 from __future__ import annotations
 
@@ -24,13 +42,14 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import check_profile
 
 COMPARISONS = (">", ">=", "<", "<=", "in")
-KEYS = ("chapter", "claim", "measured", "comparison", "threshold", "holds", "paper", "note",
-        "profile", "seed")
+STATISTICS = ("mean", "bound", "fraction", "sign")
+KEYS = ("chapter", "claim", "measured", "comparison", "threshold", "holds", "gated", "paper",
+        "note", "reason", "profile", "seed", "statistic", "seeds", "values", "interval")
 
 
 class ClaimsFailed(AssertionError):
@@ -45,10 +64,16 @@ class Record:
     comparison: str
     threshold: Any
     holds: bool
+    gated: bool
     paper: str | None
     note: str
+    reason: str
     profile: str
     seed: int
+    statistic: str | None = None
+    seeds: list | None = None
+    values: list | None = None
+    interval: list | None = None
 
     @property
     def margin(self) -> float:
@@ -114,36 +139,129 @@ def _number(value, what: str) -> float:
 NOT_GATED = "not gated at this scale"
 
 
-def check(claim: str, measured: float, comparison: str, threshold, *,
-          paper: str | None = None, note: str = "", gate: bool = True) -> Record:
-    """Record ``claim``: does ``measured <comparison> threshold`` hold?
-
-    ``paper`` is the paper's own number or finding, for the table; ``note`` says what was
-    measured and how (seeds, scale). ``gate=False`` records a claim that is *not expected* to
-    show at this scale (the chapter must say why): it is measured and shown on the scoreboard
-    with its true verdict, but :func:`report` does not fail the chapter on it.
-    """
-    if _current.chapter is None:
-        raise RuntimeError("call claims.start(chapter, profile, seed) before claims.check")
-    if not claim:
-        raise ValueError("a claim needs a name")
-    value = _number(measured, "measured")
+def _threshold(comparison: str, threshold) -> Any:
+    if comparison not in COMPARISONS:
+        raise ValueError(f"unknown comparison {comparison!r}; valid comparisons: "
+                         f"{', '.join(COMPARISONS)}")
     if comparison == "in":
         if not (isinstance(threshold, Sequence) and len(threshold) == 2):
             raise ValueError("comparison 'in' needs threshold=(low, high)")
         thr: Any = [_number(threshold[0], "threshold"), _number(threshold[1], "threshold")]
         if thr[0] > thr[1]:
             raise ValueError(f"interval threshold has low > high: {thr}")
-    else:
-        thr = _number(threshold, "threshold")
-    holds = compare(value, comparison, thr)
-    if not gate:
-        note = f"{NOT_GATED}; {note}" if note else NOT_GATED
-    rec = Record(_current.chapter, claim, value, comparison, thr, holds, paper, note,
-                 _current.profile, _current.seed)
+        return thr
+    return _number(threshold, "threshold")
+
+
+def _record(claim, value, comparison, thr, holds, gate, paper, note, reason, **extra) -> Record:
+    if _current.chapter is None:
+        raise RuntimeError("call claims.start(chapter, profile, seed) before claims.check")
+    if not claim:
+        raise ValueError("a claim needs a name")
+    rec = Record(_current.chapter, claim, value, comparison, thr, holds, bool(gate), paper, note,
+                 reason or "", _current.profile, _current.seed, **extra)
     _current.records = [r for r in _current.records if r.claim != claim] + [rec]
     _write()
     return rec
+
+
+def check(claim: str, measured: float, comparison: str, threshold, *,
+          paper: str | None = None, note: str = "", gate: bool = True,
+          reason: str = "") -> Record:
+    """Record ``claim``: does ``measured <comparison> threshold`` hold?
+
+    ``paper`` is the paper's own number or finding, for the table; ``note`` says what was
+    measured and how (seeds, scale). ``gate=False`` records a claim that is *not expected* to
+    show at this scale, with ``reason`` saying why in one sentence: it is measured and shown on
+    the scoreboard with its true verdict, but :func:`report` does not fail the chapter on it.
+    """
+    if _current.chapter is None:
+        raise RuntimeError("call claims.start(chapter, profile, seed) before claims.check")
+    value = _number(measured, "measured")
+    thr = _threshold(comparison, threshold)
+    return _record(claim, value, comparison, thr, compare(value, comparison, thr), gate, paper,
+                   note, reason)
+
+
+def t_interval(values: Sequence[float], level: float = 0.9) -> tuple[float, float, float]:
+    """Mean and two-sided ``level`` Student-t interval of the mean: ``(mean, low, high)``.
+
+    With one value the interval is ``(−inf, inf)``: one seed says nothing about the spread.
+    """
+    from scipy import stats
+
+    x = [float(v) for v in values]
+    if not x:
+        raise ValueError("no values")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    n = len(x)
+    mean = sum(x) / n
+    if n < 2:
+        return mean, -math.inf, math.inf
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def sign_test(passes: int, n: int) -> float:
+    """One-sided sign test: ``P(X ≥ passes)`` for ``X ~ Binomial(n, ½)``."""
+    if not 0 <= passes <= n:
+        raise ValueError(f"need 0 <= passes <= n, got passes={passes}, n={n}")
+    return sum(math.comb(n, k) for k in range(passes, n + 1)) / 2 ** n
+
+
+def check_seeds(claim: str, values, comparison: str, threshold, *, seeds=None,
+                statistic: str = "mean", level: float = 0.9, fraction: float = 1.0,
+                alpha: float = 0.05, paper: str | None = None, note: str = "",
+                gate: bool = True, reason: str = "") -> Record:
+    """Record a claim measured once per seed (see the module docstring for ``statistic``).
+
+    ``values`` is a dict ``{seed: value}`` or a sequence (then ``seeds`` names the seeds, or
+    they are numbered from the chapter's seed). The record's ``measured`` is the statistic: the
+    mean, the interval bound, the fraction of passing seeds (gated ``>= fraction``) or the sign
+    test's p-value (gated ``<= alpha``); ``values``, ``seeds`` and ``interval`` (the ``level``
+    t-interval of the mean) are kept in the record.
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; valid statistics: {', '.join(STATISTICS)}")
+    if isinstance(values, Mapping):
+        seeds, vals = list(values), list(values.values())
+    else:
+        vals = list(values)
+        seeds = list(seeds) if seeds is not None else [_current.seed + i for i in range(len(vals))]
+    if not vals:
+        raise ValueError(f"claim {claim!r}: no per-seed values")
+    if len(seeds) != len(vals):
+        raise ValueError(f"{len(seeds)} seeds but {len(vals)} values")
+    vals = [_number(v, "per-seed value") for v in vals]
+    thr = _threshold(comparison, threshold)
+    mean, lo, hi = t_interval(vals, level)
+    extra = dict(statistic=statistic, seeds=[int(s) for s in seeds], values=vals, interval=[lo, hi])
+    per_seed = f"per-seed test {comparison} {_fmt(thr)}"
+    if statistic == "mean":
+        return _record(claim, mean, comparison, thr, compare(mean, comparison, thr), gate, paper,
+                       note, reason, **extra)
+    if statistic == "bound":
+        if comparison in (">", ">="):
+            value, holds = lo, compare(lo, comparison, thr)
+        elif comparison in ("<", "<="):
+            value, holds = hi, compare(hi, comparison, thr)
+        else:
+            value, holds = mean, compare(lo, "in", thr) and compare(hi, "in", thr)
+        return _record(claim, value, comparison, thr, holds, gate, paper, note, reason, **extra)
+    passes = sum(compare(v, comparison, thr) for v in vals)
+    note = f"{per_seed}; {note}" if note else per_seed
+    if statistic == "fraction":
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        share = passes / len(vals)
+        return _record(claim, share, ">=", float(fraction), share >= fraction, gate, paper, note,
+                       reason, **extra)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    p = sign_test(passes, len(vals))
+    return _record(claim, p, "<=", float(alpha), p <= alpha, gate, paper, note, reason, **extra)
 
 
 def _write() -> None:
@@ -169,18 +287,32 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def spread(r: Record) -> str:
+    """The per-seed values and interval of a :func:`check_seeds` record, as one line."""
+    if r.values is None:
+        return ""
+    lo, hi = r.interval
+    per = ", ".join(f"{s}: {_fmt(v)}" for s, v in zip(r.seeds, r.values))
+    ci = "" if not (math.isfinite(lo) and math.isfinite(hi)) else f" interval [{_fmt(lo)}, {_fmt(hi)}];"
+    return f"{r.statistic};{ci} seeds {per}"
+
+
+def verdict(r: Record) -> str:
+    """"✓ holds" or "✗ fails", with "(not gated)" for a claim recorded but not enforced."""
+    return ("✓ holds" if r.holds else "✗ fails") + ("" if r.gated else " (not gated)")
+
+
 def table_html(recs: Sequence[Record] | None = None) -> str:
-    """The claims as an HTML table (measured, test, margin, verdict, paper, note)."""
+    """The claims as an HTML table (measured, test, margin, verdict, seeds, paper, note)."""
     recs = records() if recs is None else recs
     rows = []
     for r in recs:
-        verdict = ("✓ holds" if r.holds else "✗ does not hold") + (
-            " (not gated)" if r.note.startswith(NOT_GATED) else "")
+        note = r.note if r.gated or not r.reason else f"not gated: {r.reason} {r.note}".strip()
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}", _fmt(r.margin),
-            verdict, r.paper or "", r.note)) + "</tr>")
+            verdict(r), spread(r), r.paper or "", note)) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("claim", "measured", "test", "margin", "verdict",
-                                              "paper", "note"))
+                                              "seeds", "paper", "note"))
     return (f'<table class="claims-table"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
 
@@ -195,7 +327,7 @@ def report() -> list[Record]:
     except ImportError:  # pragma: no cover
         for r in recs:
             print(r)
-    failed = [r for r in recs if not r.holds and not r.note.startswith(NOT_GATED)]
+    failed = [r for r in recs if not r.holds and r.gated]
     if failed and _current.profile != "smoke":
         lines = "; ".join(f"{r.claim}: measured {_fmt(r.measured)}, needed {r.comparison} "
                           f"{_fmt(r.threshold)}" for r in failed)
@@ -207,9 +339,17 @@ def report() -> list[Record]:
 # --- the book's scoreboard -------------------------------------------------------------------
 
 def load(path: str | Path) -> list[Record]:
-    """Read a ``claims.json`` (or one chapter's file)."""
+    """Read a ``claims.json`` (or one chapter's file); files written before the ``gated``,
+    ``reason`` and per-seed keys existed read as gated unless their note says otherwise."""
     data = json.loads(Path(path).read_text())
-    return [Record(**{k: d[k] for k in KEYS}) for d in data]
+    out = []
+    for d in data:
+        d = dict(d)
+        if "gated" not in d:
+            d["gated"] = not str(d.get("note", "")).startswith(NOT_GATED)
+        d.setdefault("reason", "")
+        out.append(Record(**{k: d.get(k) for k in KEYS}))
+    return out
 
 
 def save(recs: Sequence[Record], path: str | Path) -> None:
@@ -226,7 +366,7 @@ def scoreboard_markdown(recs: Sequence[Record], titles: dict[str, str] | None = 
     profiles = sorted({r.profile for r in recs})
     seeds = sorted({r.seed for r in recs})
     held = sum(r.holds for r in recs)
-    ungated = sum(r.note.startswith(NOT_GATED) for r in recs)
+    ungated = sum(not r.gated for r in recs)
     out = [f"**{held} of {len(recs)} claims hold** (profile {', '.join(profiles) or '-'}, "
            f"seed {', '.join(map(str, seeds)) or '-'}). In `smoke` claims are recorded, not "
            f"enforced: the tiny settings are for testing the code, not the papers. "
@@ -242,12 +382,12 @@ def scoreboard_markdown(recs: Sequence[Record], titles: dict[str, str] | None = 
         out.append(f"| {titles.get(ch, 'Chapter ' + ch)} | {len(rs)} | {sum(r.holds for r in rs)} |")
     for ch, rs in chapters.items():
         out.append(f"\n## {titles.get(ch, 'Chapter ' + ch)}\n")
-        out.append("| claim | measured | test | verdict | paper | note |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| claim | measured | test | verdict | seeds | paper | note |")
+        out.append("|---|---|---|---|---|---|---|")
         for r in rs:
-            cells = [r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}",
-                     ("✓ holds" if r.holds else "✗ fails")
-                     + (" (not gated)" if r.note.startswith(NOT_GATED) else ""), r.paper or "", r.note]
+            note = r.note if r.gated or not r.reason else f"not gated: {r.reason} {r.note}".strip()
+            cells = [r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}", verdict(r),
+                     spread(r), r.paper or "", note]
             out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
                                          for c in cells) + " |")
     return "\n".join(out) + "\n"

@@ -10,7 +10,10 @@ Every metric takes class probabilities ``probs [N, K]`` (rows sum to one) and la
   ``n_bins`` equal-width bins ``B_m`` on [0, 1] and take
   ``Σ_m |B_m|/N · |acc(B_m) − conf(B_m)|`` (15 bins by default, as in the SWAG and FGE code);
   :func:`reliability` returns the per-bin data for a reliability diagram;
-* disagreement — the fraction of inputs on which two members' top classes differ.
+* disagreement — the fraction of inputs on which two members' top classes differ;
+* KL diversity — the mean over inputs of ``KL(p_a ‖ p_b) = Σ_k p_a,k log(p_a,k / p_b,k)``
+  between two members' predictions, averaged over ordered pairs for an ensemble (the
+  diversity measure of FreeTickets, Liu et al. 2022, and FiLM-Ensemble, Turkoglu et al. 2022).
 
 An ensemble's prediction is the **mean of its members' probabilities** (not of their logits),
 as in the FGE, SWAG and deep-ensembles code: :func:`average` and :class:`ProbabilityAverager`.
@@ -127,6 +130,24 @@ def mean_disagreement(member_probs: Sequence[torch.Tensor]) -> float:
         return 0.0
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
     return sum(disagreement(member_probs[i], member_probs[j]) for i, j in pairs) / len(pairs)
+
+
+def kl_divergence(probs_a: torch.Tensor, probs_b: torch.Tensor) -> float:
+    """Mean over inputs of ``KL(p_a ‖ p_b)`` (probabilities clamped at 1e-12)."""
+    if probs_a.shape != probs_b.shape or probs_a.dim() != 2:
+        raise ValueError(f"need two [N, K] tensors of one shape, got {tuple(probs_a.shape)} and "
+                         f"{tuple(probs_b.shape)}")
+    a, b = probs_a.double().clamp_min(1e-12), probs_b.double().clamp_min(1e-12)
+    return float((probs_a.double() * (a.log() - b.log())).sum(1).mean())
+
+
+def mean_kl_diversity(member_probs: Sequence[torch.Tensor]) -> float:
+    """Mean ``KL(p_i ‖ p_j)`` over all ordered pairs ``i ≠ j`` of members (0 for one member)."""
+    m = len(member_probs)
+    if m < 2:
+        return 0.0
+    pairs = [(i, j) for i in range(m) for j in range(m) if i != j]
+    return sum(kl_divergence(member_probs[i], member_probs[j]) for i, j in pairs) / len(pairs)
 
 
 class ProbabilityAverager:

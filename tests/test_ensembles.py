@@ -215,3 +215,19 @@ def test_members_at_listed_steps_and_bad_arguments():
         E.Members(torch.zeros(1, 3), epochs=[2]).hook()
     with pytest.raises(ValueError, match="whole number"):
         E.Members.fge(torch.zeros(1, 3), cycle=1.5, steps_per_epoch=3)
+
+
+def test_kl_diversity_against_scipy_entropy():
+    from scipy.stats import entropy
+
+    g = torch.Generator().manual_seed(0)
+    members = [torch.rand(6, 4, generator=g).softmax(1) for _ in range(3)]
+    ref = np.mean([[entropy(members[i][n].numpy(), members[j][n].numpy()) for n in range(6)]
+                   for i in range(3) for j in range(3) if i != j])
+    assert E.mean_kl_diversity(members) == pytest.approx(ref, rel=1e-6)
+    assert E.kl_divergence(members[0], members[0]) == pytest.approx(0.0, abs=1e-12)
+    # KL is not symmetric: the ordered pairs matter
+    assert E.kl_divergence(members[0], members[1]) != pytest.approx(E.kl_divergence(members[1], members[0]))
+    assert E.mean_kl_diversity(members[:1]) == 0.0
+    with pytest.raises(ValueError, match="one shape"):
+        E.kl_divergence(members[0], members[1][:3])

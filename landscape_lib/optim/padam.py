@@ -1,4 +1,4 @@
-"""Optimizers the papers introduce that PyTorch does not ship, as ``torch.optim.Optimizer`` s.
+"""Padam: partially adaptive momentum estimation, GadamX's base optimizer.
 
 **Padam** — partially adaptive momentum estimation (Chen & Gu, "Closing the Generalization Gap
 of Adaptive Gradient Methods in Training Deep Neural Networks", IJCAI 2020, arXiv 1806.06763),

@@ -14,6 +14,10 @@
   ``6n+4``), the network of the SGDR, SWA, SWAG, FreeTickets and DP-at-scale papers.
 * :class:`ViT` — a tiny Vision Transformer (pre-LayerNorm blocks, a class token, learned
   position embeddings) over 2-D patches of images or 1-D patches of sequences such as MNIST-1D.
+* :class:`WSConv2d`, :class:`WSCNN`, :func:`ws_wide_resnet` — networks without BatchNorm for
+  differentially private training (De, Berrada, Hayes, Smith, Balle 2022, arXiv 2204.13650):
+  weight-standardised convolutions (Qiao et al. 2019, arXiv 1903.10520) followed by GroupNorm,
+  so that no layer mixes the examples of a batch and per-example gradients are well defined.
 
 :func:`build` makes any of them by name and checks the name. Every model accepts inputs of any
 shape it can flatten or convolve; none needs special layers for the landscape tools, which
@@ -30,7 +34,7 @@ from torch import nn
 
 NORMS = ("batch", "group", "layer", "none")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-MODELS = ("mlp", "cnn1d", "resmlp", "resnet", "vgg", "wrn", "vit")
+MODELS = ("mlp", "cnn1d", "resmlp", "resnet", "vgg", "wrn", "vit", "wscnn", "wswrn")
 
 
 def _check_norm(norm: str | None) -> str:
@@ -428,6 +432,8 @@ def build(name: str, *, input_shape: Sequence[int], n_classes: int, **kwargs) ->
         return ResMLP(flat, n_classes=n_classes, **kwargs)
     if name == "vit":
         return ViT(shape, n_classes=n_classes, **kwargs)
+    if name == "wscnn":
+        return WSCNN(input_shape=shape, n_classes=n_classes, **kwargs)
     if name == "cnn1d":
         length = shape[-1]
         in_ch = shape[0] if len(shape) == 2 else 1
@@ -438,6 +444,8 @@ def build(name: str, *, input_shape: Sequence[int], n_classes: int, **kwargs) ->
         return ResNet(n_classes=n_classes, in_channels=shape[0], **kwargs)
     if name == "wrn":
         return WideResNet(n_classes=n_classes, in_channels=shape[0], **kwargs)
+    if name == "wswrn":
+        return ws_wide_resnet(n_classes=n_classes, in_channels=shape[0], **kwargs)
     return VGG(n_classes=n_classes, in_channels=shape[0], **kwargs)
 
 
@@ -478,3 +486,92 @@ def scale_init(model: nn.Module, scale: float) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- networks without BatchNorm for DP-SGD (De et al. 2022) ----------------------------------
+
+class WSConv2d(nn.Conv2d):
+    r"""A weight-standardised 2-D convolution (Qiao et al. 2019; De et al. 2022, §3.1).
+
+    The kernel used in the forward pass is the stored one standardised per output channel,
+
+    .. math:: \hat W_{o} = \frac{W_o - \operatorname{mean}(W_o)}{\sqrt{\operatorname{var}(W_o) + ε}},
+
+    mean and (biased) variance taken over the ``in_channels × kh × kw`` entries of output
+    channel ``o``. It depends on the weights only, never on other examples, so per-example
+    gradients stay defined; the gradient reaches ``weight`` through the standardisation.
+    """
+
+    def __init__(self, *args, eps: float = 1e-4, **kwargs):
+        super().__init__(*args, **kwargs)
+        if eps <= 0:
+            raise ValueError(f"WSConv2d eps must be positive, got {eps}")
+        self.eps = eps
+
+    def standardize(self, weight: torch.Tensor) -> torch.Tensor:
+        """``Ŵ`` for a kernel ``weight`` of this layer's shape (a pure function of ``weight``)."""
+        dims = tuple(range(1, weight.dim()))
+        mean = weight.mean(dim=dims, keepdim=True)
+        var = weight.var(dim=dims, keepdim=True, unbiased=False)
+        return (weight - mean) * torch.rsqrt(var + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.standardize(self.weight), self.bias)
+
+
+class WSCNN(nn.Module):
+    """A small image CNN without BatchNorm: ``[WSConv2d 3x3 → GroupNorm → ReLU] × len(channels)
+    → flatten → Linear``, the first convolution at stride 1, the others at stride 2.
+
+    With the defaults on 8x8 digits it is the chapter-19 network: WS-Conv(1→16) – GN(4) – ReLU –
+    WS-Conv(16→32, stride 2) – GN(4) – ReLU – Linear(512 → 10). ``input_shape`` is ``(C, H, W)``,
+    or ``(H·W,)`` for flattened square grey images (sklearn digits: ``(64,)``).
+    """
+
+    def __init__(self, input_shape: Sequence[int] = (64,), n_classes: int = 10,
+                 channels: Sequence[int] = (16, 32), groups: int = 4):
+        super().__init__()
+        shape = tuple(input_shape)
+        if len(shape) == 1:
+            side = math.isqrt(shape[0])
+            if side * side != shape[0]:
+                raise ValueError(f"a flat input of {shape[0]} values is not a square image; "
+                                 f"pass input_shape=(C, H, W)")
+            shape = (1, side, side)
+        if len(shape) != 3:
+            raise ValueError(f"WSCNN takes (C, H, W) or (H*W,) inputs, got {tuple(input_shape)}")
+        if not channels or any(c < 1 or c % min(groups, c) for c in channels) or groups < 1:
+            raise ValueError(f"channels must be positive multiples of groups={groups}, got "
+                             f"{tuple(channels)}")
+        self.image_shape = shape
+        blocks: list[tuple[str, nn.Module]] = []
+        prev, h, w = shape
+        for i, c in enumerate(channels, start=1):
+            stride = 1 if i == 1 else 2
+            blocks += [(f"conv{i}", WSConv2d(prev, c, 3, stride, 1)),
+                       (f"norm{i}", nn.GroupNorm(min(groups, c), c)), (f"act{i}", nn.ReLU())]
+            prev, h, w = c, (h - 1) // stride + 1, (w - 1) // stride + 1
+        self.features = nn.Sequential(OrderedDict(blocks))
+        self.out = nn.Linear(prev * h * w, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], *self.image_shape)
+        return self.out(self.features(x).flatten(1))
+
+
+def ws_wide_resnet(depth: int = 16, width: int = 4, n_classes: int = 10, in_channels: int = 3,
+                   groups: int = 16, dropout: float = 0.0) -> WideResNet:
+    """WRN-``depth``-``width`` without BatchNorm: :class:`WideResNet` with GroupNorm(``groups``)
+    in place of every BatchNorm and a :class:`WSConv2d` in place of every convolution (the
+    WRN-16-4 of De et al. 2022 with ``depth=16, width=4, groups=16``). The convolutions keep
+    the WRN's (Kaiming) initial weights."""
+    net = WideResNet(depth, width, n_classes, norm="group", dropout=dropout,
+                     in_channels=in_channels, groups=groups)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d:
+                ws = WSConv2d(child.in_channels, child.out_channels, child.kernel_size,
+                              child.stride, child.padding, bias=child.bias is not None)
+                ws.load_state_dict(child.state_dict())
+                setattr(parent, name, ws)
+    return net

@@ -166,3 +166,39 @@ def test_factory_builds_a_fresh_model_per_call_for_the_data():
     assert torch.equal(make().fc1.weight, ref.fc1.weight)
     with pytest.raises(ValueError, match="valid models: mlp"):
         models.factory(ds, "transformer")
+
+
+# --- networks without BatchNorm for DP-SGD (chapter 19) --------------------------------------
+
+def test_ws_conv_standardises_each_output_channel():
+    torch.manual_seed(0)
+    conv = models.WSConv2d(3, 4, 3, padding=1, eps=1e-8)
+    x = torch.randn(2, 3, 5, 5)
+    w = conv.weight.detach()
+    flat = w.reshape(4, -1)
+    ref_w = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, unbiased=False, keepdim=True)).reshape(w.shape)
+    ref = torch.nn.functional.conv2d(x, ref_w, conv.bias, padding=1)
+    assert torch.allclose(conv(x), ref, atol=1e-5)
+    # the output does not change when a channel's kernel is shifted and scaled
+    with torch.no_grad():
+        conv.weight.mul_(3.0).add_(0.7)
+    assert torch.allclose(conv(x), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        models.WSConv2d(3, 4, 3, eps=0.0)
+
+
+def test_wscnn_and_ws_wrn_have_no_batchnorm():
+    cnn = models.build("wscnn", input_shape=(64,), n_classes=10)
+    assert cnn(torch.randn(3, 64)).shape == (3, 10)
+    assert models.count_parameters(cnn) == 10026  # 160 + 32 + 4640 + 64 + 5130
+    wrn = models.build("wswrn", input_shape=(3, 32, 32), n_classes=10, depth=16, width=4)
+    kinds = {type(m) for m in wrn.modules()}
+    assert models.WSConv2d in kinds and torch.nn.GroupNorm in kinds
+    assert not any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm)) for m in wrn.modules())
+    assert not any(type(m) is torch.nn.Conv2d for m in wrn.modules())
+    assert 2.7e6 < models.count_parameters(wrn) < 2.8e6  # WRN-16-4: 2.7M parameters
+    assert wrn(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="not a square image"):
+        models.WSCNN((40,))
+    with pytest.raises(ValueError, match="multiples of groups"):
+        models.WSCNN((64,), channels=(6,), groups=4)

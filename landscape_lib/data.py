@@ -13,6 +13,9 @@ Offline data sets (the defaults of the ``smoke`` and ``cpu`` profiles):
 * ``digits``: scikit-learn's 8x8 handwritten digits (1797 samples, 64 features), split 80/20.
 * ``spirals``: K interleaved spiral arms in the plane; ``moons``: scikit-learn's two moons.
 
+Augmentations, ``augment(x_batch, generator) -> x_batch`` drawn per example on the batch's
+device: :func:`crop_flip` (CIFAR) and :func:`shift_jitter` (sequences such as MNIST-1D).
+
 Downloaded on first use (the ``gpu`` profile): ``cifar10`` and ``cifar100`` through
 ``torchvision.datasets``, normalised per channel with the training-set statistics.
 """
@@ -308,3 +311,30 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None,
     out = out.permute(0, 3, 1, 2)
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(3), out).contiguous()
+
+
+def shift_jitter(x: torch.Tensor, generator: torch.Generator | None = None, max_shift: int = 3,
+                 noise: float = 0.05) -> torch.Tensor:
+    """A label-preserving augmentation for 1-D signals ``[B, L]`` or ``[B, C, L]``: a random
+    circular shift by ``-max_shift … max_shift`` samples per example, plus Gaussian noise of
+    standard deviation ``noise`` (in the units of ``x``; MNIST-1D is standardised).
+
+    MNIST-1D's templates are placed at random offsets and noised when the data set is made, so
+    a small shift and a little noise give another plausible example of the same class (for
+    de2022's augmentation multiplicity on MNIST-1D).
+    """
+    if x.dim() not in (2, 3):
+        raise ValueError(f"shift_jitter expects signals [B, L] or [B, C, L], got shape {tuple(x.shape)}")
+    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
+        raise ValueError(f"max_shift must be an integer >= 0, got {max_shift!r}")
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
+    b, length = x.shape[0], x.shape[-1]
+    shifts = torch.randint(-max_shift, max_shift + 1, (b,), generator=generator).to(x.device)
+    idx = (torch.arange(length, device=x.device)[None, :] - shifts[:, None]) % length  # [B, L]
+    if x.dim() == 3:
+        idx = idx[:, None, :].expand(-1, x.shape[1], -1)
+    out = x.gather(-1, idx)
+    if noise > 0:
+        out = out + noise * torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    return out

@@ -64,7 +64,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, vmap
 
 from . import models
 
@@ -322,9 +322,32 @@ def _linear_rule(m: nn.Linear, a: torch.Tensor, d: torch.Tensor, b: int):
     return {k: v for k, v in parts.items() if getattr(m, k).requires_grad}, clipped
 
 
-def _conv_rule(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor, b: int):
-    # im2col: patches [B·K, C_in·k, T] and output gradients [B·K, C_out, T]; per-example
-    # kernel gradient G_i = Σ_{views, positions} δ ⊗ patch, materialised (small for these nets)
+def _ws_stats(m: models.WSConv2d):
+    """``Ŵ`` as ``[C_out, n]``, ``r = (var + ε)^{-1/2}`` and ``κ = var/(var + ε)`` per channel."""
+    w = m.weight.detach().reshape(m.weight.shape[0], -1)
+    var = w.var(1, unbiased=False)
+    r = torch.rsqrt(var + m.eps)
+    return (w - w.mean(1, keepdim=True)) * r[:, None], r, var / (var + m.eps)
+
+
+def _ws_pullback(m: models.WSConv2d, g_hat: torch.Tensor) -> torch.Tensor:
+    r"""The gradient through the weight standardisation ``Ŵ = (W − μ) r``, ``r = (var +
+    ε)^{-1/2}`` per output channel: the vector-Jacobian product
+
+    .. math:: ∂L/∂W = r\,\big(G − \operatorname{mean}(G) − Ŵ \operatorname{mean}(G ∘ Ŵ)\big)
+
+    (means over each channel's ``n`` entries) of ``G = ∂L/∂Ŵ``."""
+    w_hat, r, _ = _ws_stats(m)
+    g = g_hat.reshape(w_hat.shape)
+    out = r[:, None] * (g - g.mean(1, keepdim=True) - w_hat * (g * w_hat).mean(1, keepdim=True))
+    return out.reshape(m.weight.shape)
+
+
+def _conv_rule(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor, b: int,
+               out: torch.Tensor):
+    # im2col: patches P_i [n = C_in·k, K·T] and output gradients Δ_i [C_out, K·T] per example
+    # (K views × T positions); the per-example kernel gradient is G_i = Δ_i P_iᵀ.
+    a_in = a
     if isinstance(m, nn.Conv1d):
         a = a.unsqueeze(2)
         kernel, stride = (1, *m.kernel_size), (1, *m.stride)
@@ -332,27 +355,44 @@ def _conv_rule(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor, b: in
     else:
         kernel, stride, padding, dilation = m.kernel_size, m.stride, m.padding, m.dilation
     patches = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-    c_out, t = d.shape[1], patches.shape[2]
-    # [B·K, C_in·k, T] → [B, C_in·k, K·T]; [B·K, C_out, *] → [B, C_out, K·T]
-    patches = patches.reshape(b, -1, patches.shape[1], t).transpose(1, 2).reshape(b, -1, len(a) // b * t)
+    c_out, t, n = d.shape[1], patches.shape[2], patches.shape[1]
+    d_full = d
+    patches = patches.reshape(b, -1, n, t).transpose(1, 2).reshape(b, n, -1)
     d = d.reshape(b, -1, c_out, t).transpose(1, 2).reshape(b, c_out, -1)
-    g_hat = torch.bmm(d, patches.transpose(1, 2)).reshape(b, *m.weight.shape)
-    if isinstance(m, models.WSConv2d):
-        # the gradient reaches W through Ŵ = standardize(W): per example, Jᵀ G_i
-        _, pullback = vjp(m.standardize, m.weight.detach())
-        g = vmap(lambda gi: pullback(gi)[0])(g_hat)
+    kt = d.shape[2]
+    # per (example, output channel): ‖G_i[o]‖², by t×t Gram matrices or by materialising G_i
+    if kt * kt * (n + c_out) < kt * n * c_out:
+        gram = torch.bmm(patches.transpose(1, 2), patches)  # [B, KT, KT]
+        row_sq = (torch.bmm(d, gram) * d).sum(2)
     else:
-        g = g_hat
-    parts = {"weight": g.reshape(b, -1).pow(2).sum(1)}
+        row_sq = torch.bmm(d, patches.transpose(1, 2)).pow(2).sum(2)
+    ws = isinstance(m, models.WSConv2d)
+    if ws:
+        # ‖r(G − Ḡ − Ŵ·mean(G∘Ŵ))‖² per channel = r²(‖G‖² − n·Ḡ² − n·m²(2 − κ)), with
+        # Σ_j G[o,j] = Δ_o·(Σ_j P[j,:]) and ⟨G_o, Ŵ_o⟩ = Δ_o·(Ŵ P)_o, the conv's output without bias
+        _, r, kappa = _ws_stats(m)
+        g_sum = torch.bmm(d, patches.sum(1).unsqueeze(2)).squeeze(2)  # [B, C_out]
+        pre = out.detach()
+        if m.bias is not None:
+            pre = pre - m.bias.detach().view(1, -1, *([1] * (pre.dim() - 2)))
+        pre = pre.reshape(b, -1, c_out, t).transpose(1, 2).reshape(b, c_out, -1)
+        g_w = (d * pre).sum(2)  # [B, C_out]
+        row_sq = r.pow(2) * (row_sq - g_sum.pow(2) / n - g_w.pow(2) / n * (2 - kappa))
+    parts = {"weight": row_sq.clamp_min(0).sum(1)}
     bias = d.sum(2) if m.bias is not None and m.bias.requires_grad else None
     if bias is not None:
         parts["bias"] = bias.pow(2).sum(1)
 
     def clipped(c: torch.Tensor) -> dict:
-        out = {"weight": torch.tensordot(c, g, dims=1)}
+        # Σ_i c_i Δ_i P_iᵀ: the convolution's own weight gradient of the rescaled Δ
+        scale = c.repeat_interleave(len(d_full) // b).view(-1, *([1] * (d_full.dim() - 1)))
+        g_hat = torch.ops.aten.convolution_backward(
+            d_full * scale, a_in, m.weight.detach(), None, m.stride, m.padding, m.dilation, False,
+            [0] * len(m.stride), 1, [False, True, False])[1]
+        res = {"weight": _ws_pullback(m, g_hat) if ws else g_hat}
         if bias is not None:
-            out["bias"] = c @ bias
-        return out
+            res["bias"] = c @ bias
+        return res
 
     return ({k: v for k, v in parts.items() if getattr(m, k).requires_grad}, clipped)
 
@@ -411,7 +451,7 @@ def _ghost_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_g
         if isinstance(m, nn.Linear):
             rules.append((m, *_linear_rule(m, layer.inp, d, b)))
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            rules.append((m, *_conv_rule(m, layer.inp, d, b)))
+            rules.append((m, *_conv_rule(m, layer.inp, d, b, layer.out)))
         else:
             rules.append((m, *_norm_rule(m, layer.inp, d, b)))
     sq = torch.zeros(b, device=x.device, dtype=logits.dtype)

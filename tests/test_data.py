@@ -150,3 +150,22 @@ def test_subsets_are_fixed(mnist1d):
     assert torch.equal(a[0], b[0]) and len(a[0]) == 100
     with pytest.raises(ValueError, match="positive"):
         mnist1d.train_subset(0)
+
+
+def test_shift_jitter_rolls_each_example_and_adds_noise():
+    x = torch.arange(20.0).reshape(2, 10)
+    g = torch.Generator().manual_seed(0)
+    out = data.shift_jitter(x, g, max_shift=3, noise=0.0)
+    for row, orig in zip(out, x):  # each row is a circular shift of its input by |s| <= 3
+        shifts = [s for s in range(-3, 4) if torch.equal(row, torch.roll(orig, s))]
+        assert len(shifts) == 1
+    seen = {int(((data.shift_jitter(x[:1], torch.Generator().manual_seed(s), 3, 0.0)[0, 0] - x[0, 0]) % 10))
+            for s in range(40)}
+    assert seen == {0, 1, 2, 3, 7, 8, 9}  # shifts -3..3
+    noisy = data.shift_jitter(torch.zeros(4000, 1, 10), torch.Generator().manual_seed(1), 0, 0.1)
+    assert noisy.shape == (4000, 1, 10) and abs(float(noisy.std()) - 0.1) < 0.003
+    assert torch.equal(data.shift_jitter(x, None, 0, 0.0), x)
+    with pytest.raises(ValueError, match="signals"):
+        data.shift_jitter(torch.zeros(2, 1, 3, 3))
+    with pytest.raises(ValueError, match="max_shift must be an integer >= 0"):
+        data.shift_jitter(x, max_shift=-1)

@@ -69,6 +69,9 @@ from torch.func import functional_call, grad, vmap
 from . import models
 
 METHODS = ("auto", "ghost", "vmap")
+# Rényi orders for the RDP accountant: Opacus' defaults (1.1 … 63) and larger ones, which the
+# optimum reaches at large ε with small σ (Opacus warns "Optimal order is the largest alpha").
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256]
 ACCOUNTANTS = ("rdp", "prv")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
@@ -169,7 +172,11 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return math.inf
     acc = _opacus_accountant(accountant)
     acc.history = [(sigma, q, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, **_orders(accountant)))
+
+
+def _orders(accountant: str) -> dict:
+    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
 
 
 def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -184,7 +191,7 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
 
     return float(get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q,
                                       steps=steps, accountant=accountant,
-                                      epsilon_tolerance=tolerance))
+                                      epsilon_tolerance=tolerance, **_orders(accountant)))
 
 
 def max_steps(target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,
@@ -475,7 +482,8 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
     Returns ``(sums, norms, loss)`` with ``sums`` a list aligned with ``model.parameters()``
     (trainable ones; ``None`` for frozen ones). ``x`` holds ``B·K`` rows as in
-    :func:`per_sample_grads`. ``method``: ``"ghost"`` (book-keeping, for models of Linear,
+    :func:`per_sample_grads`; ``chunk_size`` examples are processed at a time (default: all),
+    which bounds the memory of either method. ``method``: ``"ghost"`` (book-keeping, for models of Linear,
     Conv, WSConv2d, GroupNorm and LayerNorm layers), ``"vmap"`` (any model), ``"auto"`` (ghost
     where supported).
     """
@@ -495,12 +503,21 @@ def clipped_grad_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         raise ValueError("method='ghost' supports Linear, Conv1d/Conv2d (groups=1, numeric "
                          "padding), WSConv2d, GroupNorm and LayerNorm layers only; use "
                          "method='vmap' or 'auto'")
-    if use_ghost:
-        by_id, norms, loss = _ghost_clipped_sum(model, x, y, c, loss_fn, views)
-        return [by_id.get(id(p), torch.zeros_like(p)) if p.requires_grad else None
-                for p in params], norms, loss
-    names = {id(p): n for n, p in model.named_parameters()}
     size = b if chunk_size is None else _check_chunk(chunk_size)
+    if use_ghost:  # micro-batches of `size` examples, each one forward and one backward pass
+        total = {id(p): torch.zeros_like(p) for p in params if p.requires_grad}
+        norms, losses = [], []
+        for start in range(0, b, size):
+            rows = slice(start * views, (start + size) * views)
+            by_id, nrm, loss = _ghost_clipped_sum(model, x[rows], y[rows], c, loss_fn, views)
+            for k, v in by_id.items():
+                if k in total:
+                    total[k] += v
+            norms.append(nrm)
+            losses.append(loss * len(nrm))
+        return ([total[id(p)] if p.requires_grad else None for p in params], torch.cat(norms),
+                torch.stack(losses).sum() / b)
+    names = {id(p): n for n, p in model.named_parameters()}
     sums = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
     norms, losses = [], []
     for start in range(0, b, size):

@@ -30,7 +30,7 @@ warm-up) is free post-processing.
   pass gives the gradient with respect to every layer's *output*, and the per-example norms come
   from those without per-example parameter gradients where that is cheaper (Goodfellow 2015,
   arXiv 1510.01799; Li, Tramèr, Liang, Hashimoto 2022 "ghost clipping", arXiv 2110.05679; Bu,
-  Mao, Xu 2022 "book-keeping", arXiv 2210.00038). For a linear layer with input rows
+  Wang, Zha, Karypis 2022 "book-keeping", arXiv 2210.00038). For a linear layer with input rows
   :math:`a_{i,t}` and output gradients :math:`δ_{i,t}` (t over positions, here the K views and any
   sequence axis) the per-example weight gradient is :math:`G_i = \sum_t δ_{i,t} a_{i,t}^\top` and
 
@@ -57,7 +57,9 @@ example's influence; :func:`check_model` refuses it (use GroupNorm, LayerNorm, W
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -179,19 +181,25 @@ def _orders(accountant: str) -> dict:
     return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
 
 
+@functools.lru_cache(maxsize=512)  # a pure function of its arguments; a bisection costs ~0.1-1 s
 def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                      accountant: str = "rdp", tolerance: float = 0.01) -> float:
     """The smallest σ (to ``tolerance`` in ε) for which ``steps`` steps at ``sample_rate`` are
     ``(target_epsilon, delta)``-DP: Opacus' ``get_noise_multiplier`` (a bisection on the
-    accountant's ε)."""
+    accountant's ε, with Opacus' default Rényi orders; :func:`epsilon` of the result, over more
+    orders, can only be smaller)."""
     eps, delta = _check_epsilon(target_epsilon), _check_delta(delta)
     q, steps = _check_rate(sample_rate), _check_steps(steps)
     _opacus_accountant(accountant)  # checks the name and that Opacus is there
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q,
-                                      steps=steps, accountant=accountant,
-                                      epsilon_tolerance=tolerance, **_orders(accountant)))
+    with warnings.catch_warnings():
+        # the bisection's trial σ far below the answer have their optimum at Opacus' largest
+        # order; at the returned σ it is inside the range (epsilon() uses more orders anyway)
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q,
+                                          steps=steps, accountant=accountant,
+                                          epsilon_tolerance=tolerance))
 
 
 def max_steps(target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,

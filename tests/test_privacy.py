@@ -362,3 +362,22 @@ def test_ghost_support_detection_and_auto_fallback():
 def test_bad_input_names_what_is_allowed(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_ghost_clipping_of_the_gpu_network_with_crop_flip_views():
+    """The gpu profile's path: a (tiny) WRN with WS-Conv + GroupNorm, K = 2 crop-and-flip views,
+    micro-batches: norms and clipped sum against the loop over single examples."""
+    torch.manual_seed(11)
+    net = models.ws_wide_resnet(10, 1, n_classes=5, groups=4)
+    x = torch.randn(3, 3, 32, 32)
+    y = torch.tensor([0, 3, 4])
+    xs, ys = privacy.augmult(x, y, 2, data.crop_flip, torch.Generator().manual_seed(0))
+    ref = _loop_grads(net, xs, ys, views=2)
+    flat = torch.cat([g.reshape(3, -1) for g in ref.values()], 1)
+    norms = flat.norm(dim=1)
+    clip = float(norms.median())
+    sums, got, _ = privacy.clipped_grad_sum(net, xs, ys, max_grad_norm=clip, views=2, method="ghost",
+                                            chunk_size=2)
+    assert _rel(got, norms) < 1e-5
+    ref_sum = torch.tensordot((clip / norms).clamp(max=1), flat, dims=1)
+    assert _rel(torch.cat([s.reshape(-1) for s in sums]), ref_sum) < 1e-5

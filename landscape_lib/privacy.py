@@ -158,8 +158,7 @@ def _opacus_accountant(name: str):
     try:
         from opacus.accountants import create_accountant
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("the privacy accountant needs Opacus: pip install 'opacus>=1.5,<2' "
-                          "(or pip install landscape_lib[privacy])") from exc
+        raise ImportError("the privacy accountant needs Opacus: pip install 'opacus>=1.5,<2'") from exc
     return create_accountant(mechanism=_check_accountant(name))
 
 
@@ -287,12 +286,13 @@ def _flat_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 # --- ghost / book-keeping clipping ------------------------------------------------------------
 
-_GHOST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
-
-
 def ghost_supported(model: nn.Module) -> bool:
     """Whether every parametrised layer of ``model`` has a book-keeping rule (Linear, Conv1d/2d
-    without groups or string padding, WSConv2d, GroupNorm, LayerNorm)."""
+    without groups or string padding, WSConv2d, GroupNorm, LayerNorm).
+
+    The rules assume what every model in :mod:`landscape_lib.models` does: each layer is called
+    once per forward pass, on a tensor whose first axis holds the batch's rows (a layer applied
+    to a transposed batch would need ``method="vmap"``)."""
     for m in model.modules():
         own = [p for p in m.parameters(recurse=False) if p.requires_grad]
         if not own:

@@ -7,9 +7,10 @@ Each chapter calls :func:`start` once, :func:`check` (one measured number) or
 ``chapter, claim, measured, comparison, threshold, holds, gated, paper, note, reason, profile,
 seed, statistic, seeds, values, interval``
 
-(the keys of the run directory's ``claims.json``; the last four are set by :func:`check_seeds`). Records are written to disk as soon as they
-are made (when the runner sets ``LANDSCAPE_CLAIMS_DIR``), so a chapter that fails later still
-shows what it measured on the scoreboard. In the ``cpu`` and ``gpu`` profiles :func:`report`
+(the keys of the run directory's ``claims.json``; the last four are set by :func:`check_seeds`).
+Records are written to disk as soon as they are made (when the runner sets
+``LANDSCAPE_CLAIMS_DIR``), so a chapter that fails later still shows what it measured on the
+scoreboard. In the ``cpu`` and ``gpu`` profiles :func:`report`
 ends the chapter with :class:`ClaimsFailed` if any claim does not hold; in ``smoke`` (tiny
 settings, for CI) claims are recorded but not enforced.
 

@@ -228,8 +228,9 @@ class Members:
             **kwargs) -> "Members":
         """FGE's members (Garipov et al. 2018): one at the middle of every cycle of
         ``cycle`` epochs of :func:`~landscape_lib.schedules.triangular_lr`, after the steps of
-        the cycle's first half, when the rate has come down to its minimum α₂. Steps count from the start of the cycling run (``start_epoch`` shifts
-        them when the run continues a history)."""
+        the cycle's first half, when the rate has come down to its minimum α₂. Steps count from
+        the start of the cycling run (``start_epoch`` shifts them when the run continues a
+        history)."""
         period = cycle * steps_per_epoch
         if period != int(period) or period < 2:
             raise ValueError(f"a cycle must be a whole number (>= 2) of steps, got "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from landscape_lib import __main__ as runner
+from landscape_lib import runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_BUDGET_S = 30  # DESIGN.md: each chapter <= 30 s in smoke on a 2-core machine

@@ -1,6 +1,8 @@
 """The runner on a throw-away book of three tiny chapters: one passes, one raises, one records a
 failing claim. Each run starts real Jupyter kernels through papermill."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -9,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from landscape_lib import __main__ as runner
+from landscape_lib import colab, runner
 
 
 def _nb(cells):
@@ -46,9 +48,21 @@ def book(tmp_path_factory):
     return root
 
 
+# The throw-away book lies outside the repository, so `python -m landscape_lib` run there would
+# import whatever landscape_lib is installed; point it at the package under test.
+TREE_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(runner.PACKAGE_DIR.parent)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+
+
 def _run(root, *args):
-    return subprocess.run([sys.executable, "-m", "landscape_lib", *args], cwd=root,
+    return subprocess.run([sys.executable, "-m", "landscape_lib", *args], cwd=root, env=TREE_ENV,
                           capture_output=True, text=True, timeout=600)
+
+
+def test_the_runner_under_test_is_this_tree(book):
+    proc = subprocess.run([sys.executable, "-c", "import landscape_lib.runner as r; print(r.__file__)"],
+                          cwd=book, env=TREE_ENV, capture_output=True, text=True)
+    assert Path(proc.stdout.strip()) == Path(runner.__file__).resolve(), proc.stdout + proc.stderr
 
 
 def test_failures_are_reported_and_the_others_go_on(book):
@@ -83,6 +97,91 @@ def test_cache_key_depends_on_notebook_parameters_and_library(book):
     assert k != runner.cache_key(ch, {"PROFILE": "cpu", "SEED": 1, "DEVICE": "auto"}, "lib")
     assert k != runner.cache_key(ch, {"PROFILE": "cpu", "SEED": 0, "DEVICE": "auto"}, "lib2")
     assert k == runner.cache_key(ch, {"SEED": 0, "PROFILE": "cpu", "DEVICE": "auto"}, "lib")
+
+
+def test_cache_key_depends_on_torch_and_numpy_versions(book, monkeypatch):
+    import numpy
+    import torch
+
+    ch = runner.chapters(book)[0]
+    params = {"PROFILE": "cpu", "SEED": 0, "DEVICE": "auto"}
+    k = runner.cache_key(ch, params, "lib")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", torch.__version__ + ".changed")
+        assert runner.cache_key(ch, params, "lib") != k
+    with monkeypatch.context() as m:
+        m.setattr(numpy, "__version__", numpy.__version__ + ".changed")
+        assert runner.cache_key(ch, params, "lib") != k
+    assert runner.cache_key(ch, params, "lib") == k
+
+
+def _package(where, files):
+    for rel, text in files.items():
+        (where / rel).parent.mkdir(parents=True, exist_ok=True)
+        (where / rel).write_text(text)
+    return where
+
+
+def test_library_digest_covers_subpackages_and_ignores_bytecode(tmp_path):
+    files = {"__init__.py": "x = 1\n", "a.py": "a = 1\n", "sub/__init__.py": "",
+             "sub/deep/b.py": "b = 1\n", "sub/deep/table.csv": "1,2\n"}
+    pkg = _package(tmp_path / "one", files)
+    d = runner.library_digest(pkg)
+    # the same files written in the opposite order give the same digest
+    assert runner.library_digest(_package(tmp_path / "two", dict(reversed(files.items())))) == d
+    # bytecode is not source
+    _package(pkg, {"__pycache__/a.cpython-311.pyc": "junk", "sub/deep/__pycache__/b.pyc": "junk",
+                   "sub/stray.pyc": "junk"})
+    assert runner.library_digest(pkg) == d
+    # an edit two levels down, a new file, a rename, and bytes moved between files all count
+    (pkg / "sub/deep/b.py").write_text("b = 2\n")
+    assert runner.library_digest(pkg) != d
+    (pkg / "sub/deep/b.py").write_text("b = 1\n")
+    assert runner.library_digest(pkg) == d
+    (pkg / "sub/deep/table.csv").write_text("1,3\n")
+    assert runner.library_digest(pkg) != d
+    (pkg / "sub/deep/table.csv").write_text("1,2\n")
+    (pkg / "sub/new.py").write_text("")
+    assert runner.library_digest(pkg) != d
+    (pkg / "sub/new.py").unlink()
+    (pkg / "a.py").rename(pkg / "a2.py")
+    assert runner.library_digest(pkg) != d
+    (pkg / "a2.py").rename(pkg / "a.py")
+    (pkg / "__init__.py").write_text("x = 1\na")
+    (pkg / "a.py").write_text(" = 1\n")
+    assert runner.library_digest(pkg) != d
+    # the default is the runner's own package
+    assert runner.library_digest() == runner.library_digest(runner.PACKAGE_DIR)
+
+
+def test_an_edit_in_a_subpackage_of_the_library_reruns_the_chapter(book, tmp_path):
+    """The runner digests the library it runs from: here a copy of it, with a subpackage added."""
+    lib = tmp_path / "lib"
+    shutil.copytree(runner.PACKAGE_DIR, lib / "landscape_lib",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    probe = lib / "landscape_lib" / "_probe_sub" / "__init__.py"
+    probe.parent.mkdir()
+    probe.write_text('"""a subpackage only this test has"""\n')
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    where = subprocess.run([sys.executable, "-c", "import landscape_lib; print(landscape_lib.__file__)"],
+                           cwd=book, env=env, capture_output=True, text=True)
+    assert where.stdout.strip() == str(lib / "landscape_lib" / "__init__.py"), where.stdout + where.stderr
+
+    def tag():
+        proc = subprocess.run([sys.executable, "-m", "landscape_lib", "run", "--profile", "cpu",
+                               "--out", str(tmp_path / "run"), "91"],
+                              cwd=book, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("  91-ok"))
+        return line.split()[1]
+
+    assert tag() == "ok"
+    (probe.parent / "__pycache__").mkdir()
+    (probe.parent / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"junk")
+    assert tag() == "cached"
+    probe.write_text('"""a subpackage only this test has, edited"""\n')
+    assert tag() == "ok"
+    assert tag() == "cached"
 
 
 def test_chapter_selection(book):
@@ -121,7 +220,7 @@ def test_unknown_profile_is_rejected(book):
 
 def test_colab_links_derive_from_the_config(root):
     ch = runner.chapters(root)[0]
-    badge, req = runner.colab_links(root, ch)
+    badge, req = colab.colab_links(root, ch)
     assert badge.endswith(f"/blob/main/{ch.rel.as_posix()})")
     assert req.startswith("git+https://github.com/") and req.endswith(".git@main")
 

@@ -227,8 +227,8 @@ def _source_cell(executed: Path, index: int) -> tuple[int, str]:
         for i, c in enumerate(source_cells):
             if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
                 src = "".join(c.get("source", ""))
-                line = next((l.strip() for l in src.splitlines()
-                             if l.strip() and not l.lstrip().startswith("#")), "")
+                line = next((ln.strip() for ln in src.splitlines()
+                             if ln.strip() and not ln.lstrip().startswith("#")), "")
                 return i + 1, line[:120]
     except (OSError, ValueError, KeyError):
         pass

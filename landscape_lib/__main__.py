@@ -2,9 +2,10 @@
 
 ::
 
-    python -m landscape_lib run    [--profile smoke|cpu|gpu] [--seed N] [--jobs N] [CHAPTER ...]
-    python -m landscape_lib build  [--profile ...] [--seed N] [--jobs N]
-    python -m landscape_lib claims [--profile ...] [--seed N]
+    python -m landscape_lib run    [--profile smoke|cpu|gpu] [--seed N | --seeds 0-4] [--jobs N]
+                                   [--executor local|ray [--address A]] [--stand-in-data] [CHAPTER ...]
+    python -m landscape_lib build  [--profile ...] [--seed N] [--jobs N] [--stand-in-data]
+    python -m landscape_lib claims [--profile ...] [--seed N | --seeds 0-4] [--stand-in-data]
     python -m landscape_lib list
     python -m landscape_lib sync   [--check]
 
@@ -36,10 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m landscape_lib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, jobs=True):
+    def common(p, jobs=True, seeds=True):
         p.add_argument("--profile", default="cpu", choices=PROFILES,
                        help="smoke (CI, seconds), cpu (default, about a minute), gpu (paper scale)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="the seed base (default 0)")
+        if seeds:
+            p.add_argument("--seeds", default=None, metavar="RANGE",
+                           help="several seed bases: N-M, a comma-separated list (0,3,7) or both "
+                                "(0-2,7); replaces --seed")
+        p.add_argument("--stand-in-data", action="store_true",
+                       help="random images of CIFAR's shapes instead of CIFAR (gpu code paths "
+                            "without the data); claims recorded apart and never enforced")
         if jobs:
             p.add_argument("--jobs", type=int, default=None,
                            help="chapters at once (default: the number of cores)")
@@ -51,12 +59,18 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="execute chapters with papermill")
     common(p)
+    p.add_argument("--executor", default="local", choices=runner.EXECUTORS,
+                   help="local (processes on this machine, default) or ray (tasks on a Ray cluster)")
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: 'auto' (the cluster this machine belongs to) or "
+                        "HOST:PORT of a head node; default: a local Ray instance")
     p.add_argument("--out", default=None,
                    help="run directory (default _build/runs/<profile>-seed<N>)")
     p.add_argument("chapters", nargs="*", metavar="CHAPTER", help="number (01) or slug prefix")
     p = sub.add_parser("build", help="run (cached) and build the HTML book")
-    common(p)
-    common(sub.add_parser("claims", help="print the scoreboard of a run"), jobs=False)
+    common(p, seeds=False)
+    common(sub.add_parser("claims", help="print the scoreboard of a run (or of several seed bases)"),
+           jobs=False)
     sub.add_parser("list", help="list the chapters")
     p = sub.add_parser("sync", help="derive Colab badges/install cells from _config.yml")
     p.add_argument("--check", action="store_true", help="only report what is out of date")
@@ -69,14 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", required=True)
 
     a = parser.parse_args(argv)
+    seeds = a.seed
+    if getattr(a, "seeds", None) is not None:
+        try:
+            seeds = runner.parse_seeds(a.seeds)
+        except ValueError as exc:
+            parser.error(str(exc))
     if a.command == "run":
-        return runner.run(a.profile, a.seed, a.chapters, jobs=a.jobs, device=a.device,
-                          force=a.force, timeout=a.timeout, out=a.out)
+        if a.address and a.executor != "ray":
+            parser.error("--address goes with --executor ray")
+        return runner.run(a.profile, seeds, a.chapters, jobs=a.jobs, device=a.device,
+                          force=a.force, timeout=a.timeout, out=a.out, executor=a.executor,
+                          address=a.address, stand_in=a.stand_in_data)
     if a.command == "build":
         return book.build(a.profile, a.seed, jobs=a.jobs, device=a.device, force=a.force,
-                          timeout=a.timeout)
+                          timeout=a.timeout, stand_in=a.stand_in_data)
     if a.command == "claims":
-        return runner.show_claims(a.profile, a.seed)
+        return runner.show_claims(a.profile, seeds, stand_in=a.stand_in_data)
     if a.command == "list":
         return runner.list_chapters()
     if a.command == "sync":

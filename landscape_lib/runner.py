@@ -133,8 +133,43 @@ def chapter_title(nb_path: Path) -> str:
     return nb_path.stem
 
 
-def run_dir(root: Path, profile: str, seed: int) -> Path:
-    return root / "_build" / "runs" / f"{profile}-seed{seed}"
+def run_dir(root: Path, profile: str, seed: int, stand_in: bool = False) -> Path:
+    """``_build/runs/<profile>-seed<N>`` (``<profile>-standin-seed<N>`` for stand-in data)."""
+    return root / "_build" / "runs" / f"{profile}{'-standin' if stand_in else ''}-seed{seed}"
+
+
+RUN_DIR_RE = re.compile(r"^(smoke|cpu|gpu)(-standin)?-seed(\d+)$")
+
+
+def run_dirs(root: Path) -> dict[tuple[str, bool, int], Path]:
+    """Every run directory under ``_build/runs`` with a ``claims.json``, keyed by
+    ``(profile, stand_in, seed)``."""
+    found = {}
+    base = root / "_build" / "runs"
+    for d in sorted(base.iterdir()) if base.exists() else []:
+        m = RUN_DIR_RE.match(d.name)
+        if m and (d / "claims.json").exists():
+            found[(m.group(1), bool(m.group(2)), int(m.group(3)))] = d
+    return found
+
+
+SEEDS_RE = re.compile(r"^\d+(-\d+)?$")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Seed bases from ``"0-4"``, ``"0,3,7"`` or a mix (``"0-2,7"``), in order, without repeats."""
+    seeds: list[int] = []
+    parts = [p.strip() for p in str(text).split(",")]
+    for part in parts:
+        if not SEEDS_RE.match(part):
+            raise ValueError(f"bad seed range {text!r}: use N, N-M or a comma-separated list of "
+                             f"them, e.g. 0-4 or 0,3,7 (non-negative integers)")
+        lo, _, hi = part.partition("-")
+        lo_i, hi_i = int(lo), int(hi or lo)
+        if hi_i < lo_i:
+            raise ValueError(f"bad seed range {part!r} in {text!r}: N-M needs N <= M, e.g. 0-4")
+        seeds += [s for s in range(lo_i, hi_i + 1) if s not in seeds]
+    return seeds
 
 
 def list_chapters(root: Path | None = None) -> int:
@@ -235,10 +270,13 @@ def _source_cell(executed: Path, index: int) -> tuple[int, str]:
     return index + 1, ""
 
 
-def _chapter_env(profile: str, out: Path) -> dict:
+def _chapter_env(profile: str, out: Path, stand_in: bool = False) -> dict:
     env = dict(os.environ)
     env.update(LANDSCAPE_QUIET="1", LANDSCAPE_BOOK="1",
                LANDSCAPE_CLAIMS_DIR=str(out / "claims"), PYTHONHASHSEED="0")
+    env.pop("LANDSCAPE_STAND_IN", None)
+    if stand_in:  # data.load serves random CIFAR-shaped stand-ins; claims.start marks the records
+        env["LANDSCAPE_STAND_IN"] = "1"
     if profile in ("smoke", "cpu"):
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", LANDSCAPE_THREADS="1")
     # the kernels import the same library as the runner (the one the cache key digests)
@@ -247,27 +285,36 @@ def _chapter_env(profile: str, out: Path) -> dict:
     return env
 
 
-def run_chapter(ch: Chapter, profile: str, seed: int, device: str, out: Path, lib: str,
-                force: bool, timeout: float) -> dict:
-    """Execute one chapter unless its cache entry is current; return its status dict."""
-    params = {"PROFILE": profile, "SEED": seed, "DEVICE": device}
-    key = cache_key(ch, params, lib)
-    target = out / ch.rel
-    cache_file = out / ".cache" / f"{ch.slug}.json"
-    if not force and cache_file.exists() and target.exists():
+def _cache_file(out: Path, ch: Chapter) -> Path:
+    return out / ".cache" / f"{ch.slug}.json"
+
+
+def cached_status(ch: Chapter, key: str, out: Path) -> dict | None:
+    """The chapter's finished status in ``out`` if its cache entry has ``key`` (else ``None``)."""
+    cache_file = _cache_file(out, ch)
+    if cache_file.exists() and (out / ch.rel).exists():
         cached = json.loads(cache_file.read_text())
         if cached.get("key") == key and cached.get("status") == "ok":
             return {**cached, "cached": True}
+    return None
+
+
+def execute_chapter(ch: Chapter, profile: str, seed: int, device: str, out: Path, timeout: float,
+                    stand_in: bool = False) -> dict:
+    """Execute one chapter into the run directory ``out`` (its notebook at ``out/<rel>``, its
+    claims in ``out/claims``), retrying as the module docstring says; return its status."""
+    target = out / ch.rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    (out / ".cache").mkdir(parents=True, exist_ok=True)
     status_file = out / ".cache" / f"{ch.slug}.status.json"
     cmd = [sys.executable, "-m", "landscape_lib", "_execute", str(ch.path), str(target),
            "--profile", profile, "--seed", str(seed), "--device", device,
            "--status", str(status_file)]
+    env = _chapter_env(profile, out, stand_in)
     t0 = time.time()
     notes, hangs, starts = [], 0, 0
     while True:
-        status = _execute_once(cmd, _chapter_env(profile, out), status_file, timeout)
+        status = _execute_once(cmd, env, status_file, timeout)
         if status.pop("timed_out", False):
             hangs += 1
             status["error"] = f"timed out after {timeout:.0f} s (attempt {hangs} of {HANG_ATTEMPTS})"
@@ -284,9 +331,34 @@ def run_chapter(ch: Chapter, profile: str, seed: int, device: str, out: Path, li
     if notes:
         status["note"] = "; ".join(notes)
     status["seconds"] = round(time.time() - t0, 2)
-    status["key"] = key
-    cache_file.write_text(json.dumps(status))
+    return status
+
+
+def write_status(ch: Chapter, out: Path, status: dict, key: str) -> dict:
+    """Record a chapter's status (with its cache key) in the run directory."""
+    status = {**status, "key": key}
+    _cache_file(out, ch).parent.mkdir(parents=True, exist_ok=True)
+    _cache_file(out, ch).write_text(json.dumps(status))
     return {**status, "cached": False}
+
+
+def run_chapter(ch: Chapter, profile: str, seed: int, device: str, out: Path, lib: str,
+                force: bool, timeout: float, stand_in: bool = False) -> dict:
+    """Execute one chapter unless its cache entry is current; return its status dict."""
+    key = cache_key(ch, _params(profile, seed, device, stand_in), lib)
+    if not force:
+        cached = cached_status(ch, key, out)
+        if cached is not None:
+            return cached
+    return write_status(ch, out, execute_chapter(ch, profile, seed, device, out, timeout, stand_in),
+                        key)
+
+
+def _params(profile: str, seed: int, device: str, stand_in: bool) -> dict:
+    params = {"PROFILE": profile, "SEED": seed, "DEVICE": device}
+    if stand_in:
+        params["STAND_IN"] = True
+    return params
 
 
 # Retries (see the module docstring): a kernel that died before answering, up to KERNEL_STARTS
@@ -342,20 +414,28 @@ def gather_claims(root: Path, out: Path) -> list:
     return recs
 
 
-def show_claims(profile: str = "cpu", seed: int = 0, root: Path | None = None) -> int:
-    """Print the scoreboard of a run (``python -m landscape_lib claims``); non-zero unless every
-    claim holds."""
+def show_claims(profile: str = "cpu", seed: int | Sequence[int] = 0, root: Path | None = None,
+                stand_in: bool = False) -> int:
+    """Print the scoreboard of a run (``python -m landscape_lib claims``), or with several seed
+    bases the per-claim summary over them; non-zero unless every gated claim holds (on every seed
+    base)."""
     root = root or find_root()
-    out = run_dir(root, profile, seed)
-    path = out / "claims.json"
-    if not path.exists():
-        print(f"no claims recorded for profile {profile}, seed {seed}: run "
-              f"`python -m landscape_lib run --profile {profile} --seed {seed}` first")
-        return 1
-    recs = claims_mod.load(path)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    by_seed = {}
+    for s in seeds:
+        path = run_dir(root, profile, s, stand_in) / "claims.json"
+        if not path.exists():
+            flag = " --stand-in-data" if stand_in else ""
+            print(f"no claims recorded for profile {profile}, seed {s}: run "
+                  f"`python -m landscape_lib run --profile {profile} --seed {s}{flag}` first")
+            return 1
+        by_seed[s] = claims_mod.load(path)
     titles = {c.number: chapter_title(c.path) for c in chapters(root)}
-    print(claims_mod.scoreboard_markdown(recs, titles))
-    return 0 if all(r.holds for r in recs) else 1
+    if len(seeds) == 1:
+        print(claims_mod.scoreboard_markdown(by_seed[seeds[0]], titles))
+    else:
+        print(claims_mod.seeds_markdown(by_seed, titles))
+    return 0 if all(r.holds for recs in by_seed.values() for r in recs if r.gated) else 1
 
 
 # --- running chapters ------------------------------------------------------------------------
@@ -367,54 +447,178 @@ def _show(path: Path, root: Path) -> str:
         return str(path)
 
 
-def run(profile: str = "cpu", seed: int = 0, wanted: Sequence[str] = (), jobs: int | None = None,
-        device: str = "auto", force: bool = False, timeout: float | None = None,
-        out: str | Path | None = None, root: Path | None = None) -> int:
-    """Execute the chapters ``wanted`` (all if empty) and gather their claims
-    (``python -m landscape_lib run``); non-zero if any chapter failed.
+EXECUTORS = ("local", "ray")
 
-    ``jobs`` chapters run at once (default: the number of cores); ``timeout`` is seconds per
-    chapter (default :data:`DEFAULT_TIMEOUT` of the profile); ``out`` is the run directory
-    (default :func:`run_dir`).
+
+def _ray_execute(rel: str, number: str, slug: str, profile: str, seed: int, device: str,
+                 timeout: float, stand_in: bool) -> tuple[dict, str | None, str | None]:
+    """One chapter on a Ray worker, in the book's working directory as Ray shipped it: execute it
+    into a temporary run directory and return its status, executed notebook and claim file."""
+    import tempfile
+
+    root = Path.cwd()
+    ch = Chapter(number, slug, root / rel, Path(rel))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        status = execute_chapter(ch, profile, seed, device, out, timeout, stand_in)
+        nb, cl = out / rel, out / "claims" / f"{number}.json"
+        return (status, nb.read_text() if nb.exists() else None,
+                cl.read_text() if cl.exists() else None)
+
+
+class _LocalExecutor:
+    """Chapters as processes on this machine, ``jobs`` at a time."""
+
+    def __init__(self, jobs: int):
+        self.pool = cf.ThreadPoolExecutor(max_workers=jobs)
+
+    def submit(self, ch, profile, seed, device, out, lib, force, timeout, stand_in):
+        return self.pool.submit(run_chapter, ch, profile, seed, device, out, lib, force, timeout,
+                                stand_in)
+
+    def close(self):
+        self.pool.shutdown()
+
+
+class _RayExecutor:
+    """Every (chapter, seed) as a Ray task: one GPU in ``gpu``, one CPU otherwise. The book's
+    directory is shipped to the workers (``runtime_env`` ``working_dir``, without ``_build`` and
+    ``.git``); the executed notebook and claims come back and are written to the same run
+    directory as a local run's. Cached chapters are not sent."""
+
+    def __init__(self, root: Path, profile: str, address: str | None, jobs: int):
+        try:
+            import ray
+        except ImportError:
+            raise SystemExit("--executor ray needs Ray: pip install 'landscape_lib[cluster]' "
+                             "(or pip install ray); valid executors: " + ", ".join(EXECUTORS)) from None
+        self.ray, self.pool = ray, cf.ThreadPoolExecutor(max_workers=64)
+        env = {"working_dir": str(root),
+               "excludes": ["_build", ".git", ".cache", ".ci/node", "**/__pycache__"]}
+        try:
+            if address:
+                ray.init(address=address, runtime_env=env, ignore_reinit_error=True,
+                         log_to_driver=False)
+            else:  # a Ray instance on this machine, for this run
+                ray.init(num_cpus=jobs, runtime_env=env, ignore_reinit_error=True,
+                         include_dashboard=False, log_to_driver=False)
+        except Exception as exc:  # ConnectionError, ValueError, RuntimeError, ... from ray.init
+            raise SystemExit(f"could not connect to the Ray cluster at {address!r} ({exc}); "
+                             f"valid addresses: 'auto' (the cluster this machine belongs to), "
+                             f"HOST:PORT of a running head node (ray start --head), or none for "
+                             f"a local Ray instance") from None
+        resources = {"num_gpus": 1} if profile == "gpu" else {"num_cpus": 1}
+        self.task = ray.remote(max_retries=1, **resources)(_ray_execute)
+
+    def submit(self, ch, profile, seed, device, out, lib, force, timeout, stand_in):
+        key = cache_key(ch, _params(profile, seed, device, stand_in), lib)
+        cached = None if force else cached_status(ch, key, out)
+        if cached is not None:
+            done: cf.Future = cf.Future()
+            done.set_result(cached)
+            return done
+        ref = self.task.remote(ch.rel.as_posix(), ch.number, ch.slug, profile, seed, device,
+                               timeout, stand_in)
+        return self.pool.submit(self._collect, ref, ch, out, key)
+
+    def _collect(self, ref, ch: Chapter, out: Path, key: str) -> dict:
+        t0 = time.time()
+        try:
+            status, nb, cl = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # the worker died, the node went away, ...
+            status, nb, cl = ({"status": "failed", "cell": None,
+                               "error": f"Ray worker died ({type(exc).__name__}: {exc})"[:2000],
+                               "seconds": round(time.time() - t0, 2)}, None, None)
+        if nb is not None:
+            (out / ch.rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / ch.rel).write_text(nb)
+        if cl is not None:
+            (out / "claims").mkdir(parents=True, exist_ok=True)
+            (out / "claims" / f"{ch.number}.json").write_text(cl)
+        return write_status(ch, out, status, key)
+
+    def close(self):
+        self.pool.shutdown()
+        self.ray.shutdown()
+
+
+def run(profile: str = "cpu", seed: int | Sequence[int] = 0, wanted: Sequence[str] = (),
+        jobs: int | None = None, device: str = "auto", force: bool = False,
+        timeout: float | None = None, out: str | Path | None = None, root: Path | None = None,
+        executor: str = "local", address: str | None = None, stand_in: bool = False) -> int:
+    """Execute the chapters ``wanted`` (all if empty) for every seed base in ``seed`` (an int or a
+    list) and gather their claims (``python -m landscape_lib run``); non-zero if any (chapter,
+    seed) failed.
+
+    ``jobs`` chapters run at once locally (default: the number of cores); ``timeout`` is seconds
+    per chapter (default :data:`DEFAULT_TIMEOUT` of the profile); ``out`` is the run directory of a
+    single seed (default :func:`run_dir`). ``executor="ray"`` runs each (chapter, seed) as a Ray
+    task on the cluster at ``address`` (``"auto"``, ``HOST:PORT``, or ``None`` for a local Ray
+    instance). ``stand_in=True`` gives the chapters random CIFAR-shaped data (``data.load``), so
+    every ``gpu`` code path runs without the real data; their claims are marked and never
+    enforced, in their own run directories.
     """
     root = root or find_root()
     check_profile(profile)
+    if executor not in EXECUTORS:
+        raise SystemExit(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise SystemExit(f"seeds must be non-negative integers, got {seeds!r}")
+    if out and len(seeds) > 1:
+        raise SystemExit("--out names the run directory of one seed; with several seeds each "
+                         "goes to _build/runs/<profile>-seed<N>")
     todo = select(chapters(root), wanted)
     if not todo:
         print("no chapters in _toc.yml")
         return 0
-    out = Path(out).resolve() if out else run_dir(root, profile, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    outs = {s: (Path(out).resolve() if out else run_dir(root, profile, s, stand_in)) for s in seeds}
+    for o in outs.values():
+        o.mkdir(parents=True, exist_ok=True)
     lib = library_digest()
     jobs = max(1, jobs or os.cpu_count() or 1)
-    print(f"running {len(todo)} chapter(s), profile {profile}, seed {seed}, "
-          f"{min(jobs, len(todo))} at a time -> {_show(out, root)}", flush=True)
+    where = (f"{min(jobs, len(todo) * len(seeds))} at a time" if executor == "local"
+             else f"on Ray ({address or 'local instance'})")
+    dest = _show(outs[seeds[0]], root) if len(seeds) == 1 else _show(outs[seeds[0]].parent, root)
+    print(f"running {len(todo)} chapter(s) × {len(seeds)} seed(s), profile {profile}"
+          f"{' (stand-in data)' if stand_in else ''}, seed{'s' if len(seeds) > 1 else ''} "
+          f"{', '.join(map(str, seeds))}, {where} -> {dest}", flush=True)
+    pool = _LocalExecutor(jobs) if executor == "local" else _RayExecutor(root, profile, address, jobs)
     failed = []
-    width = max(len(c.slug) for c in todo)
-    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_chapter, c, profile, seed, device, out, lib,
-                               force, timeout or DEFAULT_TIMEOUT[profile]): c
-                   for c in todo}
+    label = (lambda c, s: c.slug) if len(seeds) == 1 else (lambda c, s: f"{c.slug} seed {s}")
+    width = max(len(label(c, s)) for c in todo for s in seeds)
+    try:
+        futures = {pool.submit(c, profile, s, device, outs[s], lib, force,
+                               timeout or DEFAULT_TIMEOUT[profile], stand_in): (c, s)
+                   for s in seeds for c in todo}
         for fut in cf.as_completed(futures):
-            ch = futures[fut]
+            ch, s = futures[fut]
             st = fut.result()
+            name = label(ch, s)
             if st["status"] == "ok":
                 tag = "cached" if st.get("cached") else "ok"
                 note = f"  ({st['note']})" if st.get("note") and not st.get("cached") else ""
-                print(f"  {ch.slug:<{width}}  {tag:<7} {st['seconds']:7.1f} s{note}", flush=True)
+                print(f"  {name:<{width}}  {tag:<7} {st['seconds']:7.1f} s{note}", flush=True)
             else:
-                failed.append(ch.slug)
+                failed.append(name)
                 where = "no cell"
                 if st.get("cell") is not None:
                     where = f"cell {st['cell']}" + (f": {st['code']}" if st.get("code") else "")
-                print(f"  {ch.slug:<{width}}  FAILED  {st['seconds']:7.1f} s  ({where}) "
+                print(f"  {name:<{width}}  FAILED  {st['seconds']:7.1f} s  ({where}) "
                       f"{st['error']}", flush=True)
                 if st.get("stderr"):
                     print(textwrap.indent(st["stderr"], "      | "), flush=True)
-    recs = gather_claims(root, out)
-    held = sum(r.holds for r in recs)
-    print(f"{len(todo) - len(failed)} of {len(todo)} chapter(s) ran; {held} of {len(recs)} "
-          f"claims hold; records in {_show(out / 'claims.json', root)}")
+    finally:
+        pool.close()
+    by_seed = {s: gather_claims(root, outs[s]) for s in seeds}
+    for s, recs in by_seed.items():
+        held = sum(r.holds for r in recs)
+        ran = len(todo) - sum(1 for c in todo if label(c, s) in failed)
+        print(f"{'' if len(seeds) == 1 else f'seed {s}: '}{ran} of {len(todo)} chapter(s) ran; "
+              f"{held} of {len(recs)} claims hold; records in {_show(outs[s] / 'claims.json', root)}")
+    if len(seeds) > 1:
+        titles = {c.number: chapter_title(c.path) for c in chapters(root)}
+        print(claims_mod.seeds_markdown(by_seed, titles))
     if failed:
         print("failed: " + ", ".join(failed))
         return 1

@@ -157,12 +157,18 @@ def show_source(obj: Callable | type) -> None:
 
 
 def provenance(start: float, device) -> str:
-    """One line: library, torch and Python versions, device, and wall time since ``start``."""
+    """One line: the profile and seed the page's figures come from (and whether the data were
+    stand-ins), library, torch and Python versions, device, and wall time since ``start``."""
     import torch
 
     from . import __version__
+    from .config import current
+    from .data import stand_in
 
-    line = (f"landscape_lib {__version__} · torch {torch.__version__} · Python "
+    s = current()
+    run = "" if s is None else (f"profile {s.profile} · seed {s.seed}"
+                                f"{' · stand-in data' if stand_in() else ''} · ")
+    line = (f"{run}landscape_lib {__version__} · torch {torch.__version__} · Python "
             f"{platform.python_version()} · device {device} · {torch.get_num_threads()} thread(s) · "
             f"wall time {time.time() - start:.1f} s")
     print(line)

@@ -273,3 +273,146 @@ def test_a_kernel_that_does_not_start_is_tried_again_but_a_failing_cell_is_not(b
     assert st["status"] == "failed" and used == 3 and "kernel_info" in st["error"]
     st, used = run_with([raised, ok])
     assert st["status"] == "failed" and used == 1 and st["cell"] == 4
+
+
+# --- seeds, executors, stand-in data, the scoreboard of several runs ---------------------------
+
+@pytest.mark.parametrize("text,seeds", [("0-4", [0, 1, 2, 3, 4]), ("0,3,7", [0, 3, 7]),
+                                        ("0-2,7", [0, 1, 2, 7]), ("5", [5]), ("1,1-2", [1, 2])])
+def test_seed_ranges(text, seeds):
+    assert runner.parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["3-1", "a", "-1", "0-", "1,,2", "0-4x", ""])
+def test_bad_seed_ranges_name_the_forms(text):
+    with pytest.raises(ValueError, match="N-M|comma-separated"):
+        runner.parse_seeds(text)
+
+
+def _rec(chapter, claim, measured, holds, seed, gated=True, profile="cpu", stand_in=False):
+    return claims.Record(chapter, claim, measured, ">", 0.5, holds, gated, None, "", "", profile, seed,
+                         stand_in)
+
+
+def test_the_seeds_summary_counts_holds_on_a_hand_made_pair_of_runs(tmp_path):
+    a = [_rec("01", "robust", 0.9, True, 0), _rec("01", "lucky", 0.8, True, 0),
+         _rec("02", "fails", 0.1, False, 0), _rec("02", "only on seed 0", 0.7, True, 0)]
+    b = [_rec("01", "robust", 0.7, True, 1), _rec("01", "lucky", 0.2, False, 1),
+         _rec("02", "fails", 0.3, False, 1)]
+    for seed, recs in ((0, a), (1, b)):
+        claims.save(recs, tmp_path / f"{seed}.json")
+    by_seed = {s: claims.load(tmp_path / f"{s}.json") for s in (0, 1)}
+    rows = {r["claim"]: r for r in claims.seeds_summary(by_seed)}
+    assert (rows["robust"]["held"], rows["robust"]["flag"]) == (2, False)
+    assert rows["robust"]["mean"] == pytest.approx(0.8) and rows["robust"]["low"] == pytest.approx(0.7)
+    assert (rows["lucky"]["held"], rows["lucky"]["flag"]) == (1, True)  # holds on seed 0 only
+    assert (rows["fails"]["held"], rows["fails"]["flag"]) == (0, False)
+    assert rows["only on seed 0"]["missing"] == [1] and rows["only on seed 0"]["flag"]
+    md = claims.seeds_markdown(by_seed)
+    assert "1 of 4 claims hold on every seed base; 2 hold on seed 0 but not on every one" in md
+    assert "| 01 | lucky | yes | 1/2 ⚠ |" in md
+
+
+def test_the_scoreboard_shows_each_profile_side_by_side(tmp_path):
+    from landscape_lib import book as book_mod
+
+    root = tmp_path
+    (root / "book" / "part").mkdir(parents=True)
+    (root / "_config.yml").write_text("title: t\n")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n- file: book/part/01-a\n")
+    (root / "book" / "intro.md").write_text("# intro\n")
+    (root / "book" / "scoreboard.md").write_text("# placeholder\n")
+    nbformat.write(_nb(["x = 1"]), root / "book" / "part" / "01-a.ipynb")
+    runs = root / "_build" / "runs"
+    layout = {"cpu-seed0": [_rec("01", "c1", 0.9, True, 0)],
+              "smoke-seed0": [_rec("01", "c1", 0.2, False, 0, profile="smoke")],
+              "gpu-standin-seed0": [_rec("01", "c1", 0.3, False, 0, profile="gpu", stand_in=True)],
+              "cpu-seed1": [_rec("01", "c1", 0.4, False, 1)]}
+    for name, recs in layout.items():
+        (runs / name).mkdir(parents=True)
+        claims.save(recs, runs / name / "claims.json")
+    book_mod.stage(root, runs / "cpu-seed0", root / "_build" / "src", failed=[])
+    page = (root / "_build" / "src" / "book" / "scoreboard.md").read_text()
+    head = next(ln for ln in page.splitlines() if ln.startswith("| claim |"))
+    assert head == "| claim | test | cpu, seed 0 | gpu stand-in, seed 0 | smoke, seed 0 | seeds | paper | note |"
+    row = next(ln for ln in page.splitlines() if "c1" in ln and "reproduction" in ln)
+    assert '<span class="claim-holds">✓ holds</span> 0.9' in row
+    assert '<span class="claim-fails">✗ fails</span> 0.2' in row and "1/2 ⚠" in row
+    assert "[9. A test chapter](part/01-a.ipynb)" in page and "(part/01-a.ipynb#reproduction)" in page
+    assert "stand-in" in page and "never enforced" in page
+
+
+def test_stand_in_claims_are_recorded_apart_and_not_enforced(book):
+    proc = _run(book, "run", "--profile", "gpu", "--stand-in-data", "--device", "cpu", "93")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # its gated claim fails, unenforced
+    assert "(stand-in data)" in proc.stdout
+    rec = json.loads((book / "_build/runs/gpu-standin-seed0/claims.json").read_text())
+    assert rec[0]["holds"] is False and rec[0]["stand_in"] is True and rec[0]["profile"] == "gpu"
+    assert not (book / "_build/runs/gpu-seed0/claims.json").exists()
+    shown = _run(book, "claims", "--profile", "gpu", "--stand-in-data")
+    assert "c bad" in shown.stdout
+
+
+def test_several_seeds_run_and_are_summarised(book):
+    proc = _run(book, "run", "--profile", "smoke", "--seeds", "0-1", "91", "93")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("  ")]
+    assert sorted(ln.split()[0] + " " + ln.split()[2] for ln in lines) == [
+        "91-ok 0", "91-ok 1", "93-claim-fails 0", "93-claim-fails 1"]
+    for s in (0, 1):
+        recs = json.loads((book / f"_build/runs/smoke-seed{s}/claims.json").read_text())
+        assert [r["seed"] for r in recs] == [s, s]
+    assert "Over seed bases 0, 1" in proc.stdout and "| 9. A test chapter | c ok | yes | 2/2 |" in proc.stdout
+    shown = _run(book, "claims", "--profile", "smoke", "--seeds", "0,1")
+    assert "| 9. A test chapter | c bad | yes | 0/2 |" in shown.stdout and shown.returncode == 1
+    assert "--out names the run directory of one seed" in _run(
+        book, "run", "--profile", "smoke", "--seeds", "0-1", "--out", "x").stdout + _run(
+        book, "run", "--profile", "smoke", "--seeds", "0-1", "--out", "x").stderr
+
+
+def test_executor_and_address_errors_name_the_choices(book):
+    bad = _run(book, "run", "--executor", "dask", "91")
+    assert bad.returncode == 2 and "choose from 'local', 'ray'" in bad.stderr
+    lone = _run(book, "run", "--address", "auto", "91")
+    assert lone.returncode == 2 and "--address goes with --executor ray" in lone.stderr
+    pytest.importorskip("ray")
+    far = _run(book, "run", "--executor", "ray", "--address", "10.255.255.1:6379", "91")
+    assert far.returncode != 0 and "could not connect to the Ray cluster" in far.stdout + far.stderr
+
+
+def test_ray_without_ray_installed_says_how_to_get_it(book, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(SystemExit, match=r"needs Ray: pip install 'landscape_lib\[cluster\]'"):
+        runner.run("smoke", 0, ["91"], root=book, executor="ray")
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_gives_the_local_runs_claims(book, tmp_path):
+    """Two chapters × two seeds as Ray tasks on a local instance write the same run directories as
+    the local executor (claims identical, executed notebooks present)."""
+    pytest.importorskip("ray")
+    local = _run(book, "run", "--profile", "smoke", "--seeds", "0-1", "--force", "91", "93")
+    assert local.returncode == 0, local.stdout + local.stderr
+    before = {s: json.loads((book / f"_build/runs/smoke-seed{s}/claims.json").read_text()) for s in (0, 1)}
+    for s in (0, 1):
+        shutil.rmtree(book / f"_build/runs/smoke-seed{s}")
+    ray_run = _run(book, "run", "--profile", "smoke", "--seeds", "0-1", "--executor", "ray",
+                   "--jobs", "2", "91", "93")
+    assert ray_run.returncode == 0, ray_run.stdout + ray_run.stderr
+    assert "on Ray (local instance)" in ray_run.stdout
+    for s in (0, 1):
+        out = book / f"_build/runs/smoke-seed{s}"
+        assert json.loads((out / "claims.json").read_text()) == before[s]
+        assert (out / "book/part/91-ok.ipynb").exists() and (out / ".cache/91-ok.json").exists()
+    # cached results are not sent to the cluster again
+    again = _run(book, "run", "--profile", "smoke", "--seeds", "0-1", "--executor", "ray", "91", "93")
+    assert again.stdout.count("cached") == 4, again.stdout

@@ -8,6 +8,7 @@
     python -m landscape_lib claims [--profile ...] [--seed N | --seeds 0-4] [--stand-in-data]
     python -m landscape_lib list
     python -m landscape_lib sync   [--check]
+    python -m landscape_lib check  [CHAPTER ...]
 
 This module only parses arguments and dispatches; each sub-command is one function elsewhere:
 
@@ -21,6 +22,8 @@ This module only parses arguments and dispatches; each sub-command is one functi
 - ``list``: :func:`landscape_lib.runner.list_chapters`;
 - ``sync``: :func:`landscape_lib.colab.sync` rewrites every chapter's "Open in Colab" badge and
   Colab install cell from the repository URL in ``_config.yml`` (``--check`` only reports);
+- ``check``: :func:`landscape_lib.check.main` lints the chapters against the template and the
+  library against its rules;
 - ``_execute`` (hidden, used by the runner): :func:`landscape_lib.runner.execute_notebook` runs
   one notebook with papermill in its own process.
 """
@@ -29,7 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import book, colab, runner
+from . import book, check, colab, runner
 from .config import PROFILES
 
 
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the chapters")
     p = sub.add_parser("sync", help="derive Colab badges/install cells from _config.yml")
     p.add_argument("--check", action="store_true", help="only report what is out of date")
+    p = sub.add_parser("check", help="lint the chapters against the template, and the library")
+    p.add_argument("chapters", nargs="*", metavar="CHAPTER", help="number (01) or slug prefix")
     p = sub.add_parser("_execute")
     p.add_argument("input")
     p.add_argument("output")
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", required=True)
 
     a = parser.parse_args(argv)
-    seeds = a.seed
+    seeds = getattr(a, "seed", 0)
     if getattr(a, "seeds", None) is not None:
         try:
             seeds = runner.parse_seeds(a.seeds)
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return runner.list_chapters()
     if a.command == "sync":
         return colab.sync(check=a.check)
+    if a.command == "check":
+        return check.main(a.chapters)
     return runner.execute_notebook(a.input, a.output, profile=a.profile, seed=a.seed,
                                    device=a.device, status=a.status)
 

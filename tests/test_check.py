@@ -105,7 +105,8 @@ def test_torch_load_without_weights_only_is_found(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "ok.py").write_text("import torch\nx = torch.load('f', weights_only=True)\n")
-    (pkg / "sub" / "bad.py").write_text("import torch\n\n\ny = torch.load('f')\nz = torch.load('f', weights_only=False)\n")
+    (pkg / "sub" / "bad.py").write_text("import torch\n\n\ny = torch.load('f')\n"
+                                        "z = torch.load('f', weights_only=False)\n")
     found = [(p.where, p.rule) for p in check.check_library(pkg)]
     assert found == [("pkg/sub/bad.py:4", "torch-load"), ("pkg/sub/bad.py:5", "torch-load")]
     assert check.check_library(ROOT / "landscape_lib") == []

@@ -9,6 +9,8 @@
     python -m landscape_lib list
     python -m landscape_lib sync   [--check]
     python -m landscape_lib check  [CHAPTER ...]
+    python -m landscape_lib student [CHAPTER ...] --out DIR
+    python -m landscape_lib grade  SUBMISSIONS_DIR [--profile smoke|cpu] [--out grades.csv]
 
 This module only parses arguments and dispatches; each sub-command is one function elsewhere:
 
@@ -24,6 +26,8 @@ This module only parses arguments and dispatches; each sub-command is one functi
   Colab install cell from the repository URL in ``_config.yml`` (``--check`` only reports);
 - ``check``: :func:`landscape_lib.check.main` lints the chapters against the template and the
   library against its rules;
+- ``student``: :func:`landscape_lib.coursework.student` writes student copies (solutions out);
+- ``grade``: :func:`landscape_lib.coursework.grade` runs submissions and writes a CSV of points;
 - ``_execute`` (hidden, used by the runner): :func:`landscape_lib.runner.execute_notebook` runs
   one notebook with papermill in its own process.
 """
@@ -32,7 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import book, check, colab, runner
+from . import book, check, colab, coursework, runner
 from .config import PROFILES
 
 
@@ -79,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only report what is out of date")
     p = sub.add_parser("check", help="lint the chapters against the template, and the library")
     p.add_argument("chapters", nargs="*", metavar="CHAPTER", help="number (01) or slug prefix")
+    p = sub.add_parser("student", help="student copies of chapters: graded solutions and dropdowns out")
+    p.add_argument("chapters", nargs="*", metavar="CHAPTER", help="number (01) or slug prefix")
+    p.add_argument("--out", required=True, help="folder for the copies and a README")
+    p = sub.add_parser("grade", help="run submitted chapters and write a CSV of points per exercise")
+    p.add_argument("submissions", help="folder of submissions: <folder>/<student>/<chapter>.ipynb")
+    p.add_argument("--profile", default="smoke", choices=("smoke", "cpu"),
+                   help="the scale the submissions run at (default smoke)")
+    p.add_argument("--out", default="grades.csv", help="the CSV to write (default grades.csv)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per notebook")
     p = sub.add_parser("_execute")
     p.add_argument("input")
     p.add_argument("output")
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--device", required=True)
     p.add_argument("--status", required=True)
+    p.add_argument("--allow-errors", action="store_true")
 
     a = parser.parse_args(argv)
     seeds = getattr(a, "seed", 0)
@@ -111,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         return colab.sync(check=a.check)
     if a.command == "check":
         return check.main(a.chapters)
+    if a.command == "student":
+        return coursework.student(a.chapters, a.out)
+    if a.command == "grade":
+        return coursework.grade(a.submissions, a.profile, a.out, timeout=a.timeout)
     return runner.execute_notebook(a.input, a.output, profile=a.profile, seed=a.seed,
-                                   device=a.device, status=a.status)
+                                   device=a.device, status=a.status, allow_errors=a.allow_errors)
 
 
 if __name__ == "__main__":

@@ -225,9 +225,13 @@ def cache_key(ch: Chapter, params: dict, lib: str) -> str:
 # --- executing one chapter (in a subprocess, so chapters cannot take each other down) ---------
 
 def execute_notebook(input: str, output: str, profile: str, seed: int, device: str,
-                     status: str) -> int:
+                     status: str, allow_errors: bool = False) -> int:
     """The hidden ``_execute`` sub-command: run one notebook with papermill and write a status
-    file (``ok``, or the failing source cell, its first code line and the error)."""
+    file (``ok``, or the failing source cell, its first code line and the error).
+
+    ``allow_errors=True`` (grading) runs every cell even after one fails; the status then names
+    the first failing cell and the executed notebook holds every cell's error.
+    """
     import papermill as pm
 
     result = {"status": "ok"}
@@ -236,7 +240,8 @@ def execute_notebook(input: str, output: str, profile: str, seed: int, device: s
         pm.execute_notebook(input, output, kernel_name="python3",
                             parameters={"PROFILE": profile, "SEED": seed, "DEVICE": device},
                             cwd=str(Path(input).parent), progress_bar=False,
-                            log_output=False, request_save_on_cell_execute=False)
+                            log_output=False, request_save_on_cell_execute=False,
+                            **({"allow_errors": True} if allow_errors else {}))
     except pm.PapermillExecutionError as exc:
         cell, line = _source_cell(Path(output), exc.cell_index)
         result = {"status": "failed", "cell": cell, "code": line,
@@ -270,7 +275,7 @@ def _source_cell(executed: Path, index: int) -> tuple[int, str]:
     return index + 1, ""
 
 
-def _chapter_env(profile: str, out: Path, stand_in: bool = False) -> dict:
+def chapter_env(profile: str, out: Path, stand_in: bool = False) -> dict:
     env = dict(os.environ)
     env.update(LANDSCAPE_QUIET="1", LANDSCAPE_BOOK="1",
                LANDSCAPE_CLAIMS_DIR=str(out / "claims"), PYTHONHASHSEED="0")
@@ -307,10 +312,17 @@ def execute_chapter(ch: Chapter, profile: str, seed: int, device: str, out: Path
     target.parent.mkdir(parents=True, exist_ok=True)
     (out / ".cache").mkdir(parents=True, exist_ok=True)
     status_file = out / ".cache" / f"{ch.slug}.status.json"
-    cmd = [sys.executable, "-m", "landscape_lib", "_execute", str(ch.path), str(target),
+    return execute_file(ch.path, target, profile, seed, device, status_file,
+                        chapter_env(profile, out, stand_in), timeout)
+
+
+def execute_file(input: Path, output: Path, profile: str, seed: int, device: str,
+                 status_file: Path, env: dict, timeout: float, allow_errors: bool = False) -> dict:
+    """Execute the notebook ``input`` into ``output`` in its own process (the ``_execute``
+    sub-command), retrying a kernel that did not start or hung; return the status."""
+    cmd = [sys.executable, "-m", "landscape_lib", "_execute", str(input), str(output),
            "--profile", profile, "--seed", str(seed), "--device", device,
-           "--status", str(status_file)]
-    env = _chapter_env(profile, out, stand_in)
+           "--status", str(status_file)] + (["--allow-errors"] if allow_errors else [])
     t0 = time.time()
     notes, hangs, starts = [], 0, 0
     while True:

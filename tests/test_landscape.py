@@ -1,6 +1,7 @@
 import copy
 import importlib.util
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -112,12 +113,71 @@ def test_nonconvex_fraction_on_analytic_surfaces():
     assert landscape.nonconvex_fraction(egg) == pytest.approx(exact, abs=0.1)
 
 
-def test_sharpness_of_a_parabola():
-    a = np.linspace(-1, 1, 41)
-    ln = landscape.Line(a, 3 + a ** 2, np.zeros_like(a))
-    assert landscape.sharpness(ln, 0.5) == pytest.approx(0.25, abs=1e-3)
-    with pytest.raises(ValueError, match="outside"):
-        landscape.sharpness(ln, 2.0)
+class _Branchy(torch.nn.Module):
+    """Data-dependent control flow: vmap cannot batch ``if tensor``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h if h.mean() > 0 else -h
+
+
+class _ItemScaled(torch.nn.Module):
+    """``.item()`` on a weight-dependent tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h / (1.0 + abs(h.detach().abs().max().item()))
+
+
+class _MaskedMean(torch.nn.Module):
+    """Boolean-mask indexing (an output whose shape depends on the values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h - h[h > 0].sum() / h.numel()
+
+
+@pytest.mark.parametrize("cls,reason", [(_Branchy, "data-dependent control flow"),
+                                        (_ItemScaled, ".item()"),
+                                        (_MaskedMean, "dynamic shape")])
+def test_vmap_falls_back_to_the_loop_with_a_warning(cls, reason):
+    torch.manual_seed(0)
+    net = cls().eval()
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    w = params.weights(net)
+    g = torch.Generator().manual_seed(1)
+    d1, d2 = (directions.random(w, norm="none", generator=g) for _ in range(2))
+    a, b = np.linspace(-1, 1, 3), np.linspace(-1, 1, 2)
+    with pytest.warns(landscape.VmapFallbackWarning, match=rf"cannot batch {cls.__name__} .*") as rec:
+        s = landscape.plane(net, w, d1, d2, a, b, x, y, strategy="vmap", chunk_size=4)
+    assert len(rec) == 1 and reason in str(rec[0].message)
+    assert rec[0].filename == __file__  # the warning points at the caller, not the library
+    for j, bb in enumerate(b):
+        for i, aa in enumerate(a):
+            loss, acc = _manual(net, params.combine(w, [d1, d2], [aa, bb]), x, y)
+            assert s.loss[j, i] == pytest.approx(loss, rel=1e-6)
+            assert s.acc[j, i] == pytest.approx(acc)
+
+
+def test_vmap_does_not_hide_other_errors(problem):
+    """A model error (inputs of the wrong width) is raised as it is, with no fallback."""
+    net, w, d1, _, x, y = problem
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", landscape.VmapFallbackWarning)
+        with pytest.raises(RuntimeError, match=r"size|shape"):  # bmm under vmap
+            landscape.line(net, w, d1, [0.0, 1.0], x[:, :4], y, strategy="vmap")
 
 
 def test_benchmark_plane_matches_the_plain_loop_and_is_not_slower():

@@ -97,8 +97,15 @@ def reliability(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
 
 def ece(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> float:
     """Expected calibration error with ``n_bins`` equal-width bins."""
-    r = reliability(probs, y, n_bins)
+    return ece_from_bins(reliability(probs, y, n_bins))
+
+
+def ece_from_bins(r: dict) -> float:
+    """``Σ_m |B_m|/N · |acc(B_m) − conf(B_m)|`` from :func:`reliability`'s output (empty bins
+    contribute nothing); what :func:`ece` returns, for a caller that holds the bins already."""
     n = sum(r["count"])
+    if n == 0:
+        raise ValueError("the reliability bins hold no points")
     return float(sum(c / n * abs(a - f) for c, a, f in zip(r["count"], r["accuracy"], r["confidence"])
                      if c > 0))
 

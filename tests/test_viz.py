@@ -511,12 +511,14 @@ const bad = [['legend','xtitle'],['legend','xtick'],['legend','plot'],['legend',
   ['colorbar','ytick'],['colorbar','xtick'],['colorbar','plot'],['cbtick','plot'],['cbtitle','plot'],['xtitle','xtick'],
   ['ytitle','ytick'],['ytitle','plot'],['xtitle','plot'],['ytick','plot'],['xtick','plot'],
   ['legend','scene'],['colorbar','scene'],['cbtick','scene']];
-const over = (a, b) => Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0) > 1 && Math.min(a.y1, b.y1) - Math.max(a.y0, b.y0) > 1;
+const over = (a, b) => Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0) > 1
+  && Math.min(a.y1, b.y1) - Math.max(a.y0, b.y0) > 1;
 const out = [];
 for (const a of items) for (const b of items)
   if (a !== b && bad.some(([p, q]) => a.kind === p && b.kind === q) && over(a, b)) out.push(a.kind + ' × ' + b.kind);
 const f = R(gd);
-for (const a of items) if (a.x0 < f.x0 - 1 || a.x1 > f.x1 + 1 || a.y0 < f.y0 - 1 || a.y1 > f.y1 + 1) out.push(a.kind + ' outside');
+for (const a of items)
+  if (a.x0 < f.x0 - 1 || a.x1 > f.x1 + 1 || a.y0 < f.y0 - 1 || a.y1 > f.y1 + 1) out.push(a.kind + ' outside');
 return {overlaps: out, kinds: [...new Set(items.map(a => a.kind))], scroll: document.documentElement.scrollWidth};
 """
 

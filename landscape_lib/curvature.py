@@ -837,21 +837,21 @@ class CriticalLR:
 def _diverges(model: nn.Module, start: Mapping[str, torch.Tensor], x, y, make_optimizer,
               lr: float, batch_size: int, steps: int, blowup: float, seed: int,
               loss_fn: LossFn, initial: float) -> tuple[bool, float]:
-    """Train ``steps`` steps from ``start`` at ``lr``; diverged if non-finite or the final
-    loss on ``(x, y)`` exceeds ``blowup``·initial."""
+    """Train ``steps`` steps from ``start`` at ``lr`` with ``train.fit`` (one epoch of ``steps``
+    random batches); diverged if training stopped on a non-finite loss or the final loss on
+    ``(x, y)`` exceeds ``blowup``·initial."""
+    from . import train as T
+    from .data import Dataset
+
     P.load(model, start)
-    model.train()
     opt = make_optimizer(model.parameters(), lr)
-    g = torch.Generator().manual_seed(seed)  # the same batches for every trial
-    n = len(x)
-    for _ in range(steps):
-        idx = torch.randperm(n, generator=g)[:batch_size].to(x.device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
-        if not torch.isfinite(loss):
-            return True, float("inf")
-        loss.backward()
-        opt.step()
+    probe = Dataset("probe", x, y, x[:1], y[:1], 0)
+    try:  # the same batches for every trial: a generator seeded alike
+        T.fit(model, probe, optimizer=opt, epochs=1, sampler=T.RandomSubsets(batch_size, steps),
+              loss_fn=loss_fn, generator=torch.Generator().manual_seed(seed), eval_every=0,
+              progress=False)
+    except T.Diverged:
+        return True, float("inf")
     with torch.no_grad():
         model.eval()
         final = float(loss_fn(model(x), y))

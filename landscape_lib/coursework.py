@@ -145,6 +145,35 @@ def student(wanted: Sequence[str] = (), out: str | Path = "student", root: Path 
     return 0
 
 
+# --- the course page's table -------------------------------------------------------------------
+
+TABLE_MARKER = "<!-- GRADED EXERCISES TABLE -->"
+
+
+def exercise_table(root: Path, cpu_run: Path | None = None) -> str:
+    """A Markdown table of every chapter's graded exercises (their self-check ids and points), its
+    other exercises and its wall time in the ``cpu`` run ``cpu_run`` (when that run has it)."""
+    from .runner import chapter_title
+
+    rows = ["| chapter | graded exercises (points) | other exercises | cpu time |",
+            "|---|---|---|---|"]
+    for ch in chapters(root):
+        nb = json.loads(ch.path.read_text())
+        checks = [(_nbgrader(c).get("grade_id", "?"), _nbgrader(c).get("points", 0)) for c in nb["cells"]
+                  if _nbgrader(c).get("grade")]
+        dropdowns = sum(len(DROPDOWN_RE.findall(_src(c))) for c in nb["cells"] if c["cell_type"] == "markdown")
+        seconds = "–"
+        status = cpu_run / ".cache" / f"{ch.slug}.json" if cpu_run else None
+        if status is not None and status.exists():
+            st = json.loads(status.read_text())
+            if st.get("status") == "ok":
+                seconds = f"{st['seconds']:.0f} s"
+        graded = ", ".join(f"{gid} ({pts:g})" for gid, pts in checks) or "none yet"
+        link = ch.rel.relative_to("book").as_posix() if ch.rel.parts[0] == "book" else ch.rel.as_posix()
+        rows.append(f"| [{chapter_title(ch.path)}]({link}) | {graded} | {dropdowns} | {seconds} |")
+    return "\n".join(rows) + "\n"
+
+
 # --- grading -----------------------------------------------------------------------------------
 
 @dataclass

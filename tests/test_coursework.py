@@ -159,3 +159,17 @@ def test_student_copies_of_the_book_hold_no_instructor_solution(ch):
     leaked = [ln for ln in _solution_lines(nb) if json.dumps(ln)[1:-1] in text]
     assert not leaked, leaked
     assert ":class: dropdown" not in text
+
+
+def test_the_course_page_table_lists_each_chapters_graded_exercises(book, tmp_path):
+    from landscape_lib import book as book_mod
+
+    (book / "book" / "course.md").write_text(f"# Course\n\n{coursework.TABLE_MARKER}\n")
+    (book / "book" / "scoreboard.md").write_text("# s\n")
+    cpu = book / "_build" / "runs" / "cpu-seed0" / ".cache"
+    cpu.mkdir(parents=True, exist_ok=True)
+    (cpu / "01-chapter.json").write_text(json.dumps({"status": "ok", "seconds": 41.6}))
+    book_mod.stage(book, book / "_build" / "runs" / "cpu-seed0", tmp_path / "src", failed=[])
+    page = (tmp_path / "src" / "book" / "course.md").read_text()
+    assert "| [1. A chapter](part/01-chapter.ipynb) | ex1-check (2), ex2-check (1) | 1 | 42 s |" in page
+    assert coursework.TABLE_MARKER not in page

@@ -5,6 +5,7 @@ gives full points, zero with NotImplementedError named, and the failing cell nam
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,33 @@ def test_the_course_page_table_lists_each_chapters_graded_exercises(book, tmp_pa
     page = (tmp_path / "src" / "book" / "course.md").read_text()
     assert "| [1. A chapter](part/01-chapter.ipynb) | ex1-check (2), ex2-check (1) | 1 | 42 s |" in page
     assert coursework.TABLE_MARKER not in page
+
+
+def _nbgrader_release(tmp_path, nb_path):
+    """``nbgrader generate_assignment`` on one notebook, in a fresh course directory."""
+    course = tmp_path / "course"
+    src = course / "source" / "week1"
+    src.mkdir(parents=True)
+    shutil.copy(nb_path, src / nb_path.name)
+    (course / "nbgrader_config.py").write_text("c = get_config()\nc.CourseDirectory.root = %r\n" % str(course))
+    proc = subprocess.run(["nbgrader", "generate_assignment", "week1", "--force", "--create"], cwd=course,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((course / "release" / "week1" / nb_path.name).read_text())
+
+
+def _regions(nb):
+    return ["".join(c["source"]).rstrip("\n") for c in nb["cells"]
+            if c.get("metadata", {}).get("nbgrader", {}).get("solution")
+            or c.get("metadata", {}).get("nbgrader", {}).get("grade")]
+
+
+@pytest.mark.slow
+def test_nbgrader_accepts_a_chapter_and_its_release_matches_student(book, tmp_path):
+    if shutil.which("nbgrader") is None:
+        pytest.fail("nbgrader is in requirements.txt (the test extra); install it")
+    path = book / "book" / "part" / "01-chapter.ipynb"
+    release = _nbgrader_release(tmp_path, path)
+    mine = coursework.student_notebook(json.loads(path.read_text()))
+    assert _regions(release) == _regions(mine)
+    assert any("raise NotImplementedError()" in r for r in _regions(release))

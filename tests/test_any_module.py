@@ -32,14 +32,6 @@ needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") i
                                        reason="torchvision is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class EncoderClassifier(nn.Module):
     """Sequences [B, T, 4] → a linear embedding, one ``nn.TransformerEncoderLayer``, mean
     pooling, a linear head."""

@@ -124,12 +124,19 @@ class Points:
 def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
              coeffs: np.ndarray, x: torch.Tensor, y: torch.Tensor, *,
              loss_fn: LossFn = F.cross_entropy, bn: str = "keep", bn_data: torch.Tensor | None = None,
-             strategy: str = "auto", chunk_size: int | None = None) -> Points:
+             strategy: str = "auto", chunk_size: int | None = None, group="auto") -> Points:
     """Loss and accuracy at ``center + Σ_i coeffs[p, i]·directions[i]`` for every row ``p``.
 
     ``loss_fn`` must return the mean loss over a batch (like ``F.cross_entropy``). With
     ``strategy="vmap"`` (or ``"auto"`` on CUDA), a model or loss that ``torch.func.vmap`` cannot
     batch is evaluated by the loop instead, with a :class:`VmapFallbackWarning`.
+
+    **Sharded over ranks.** When ``torch.distributed`` is initialised, the points are split over
+    the ranks of ``group`` (``"auto"``: the default group; a ``ProcessGroup``; ``None``: do not
+    shard): rank ``r`` of ``R`` evaluates the ``r``-th of ``R`` contiguous blocks of rows, and an
+    ``all_gather`` gives every rank the whole result, identical to the one-process one (each point
+    is evaluated exactly as it would be alone). Works with ``gloo`` on CPUs and ``nccl`` on GPUs
+    (launch with ``torchrun --nproc-per-node N``); every rank must call with the same arguments.
     """
     coeffs = np.asarray(coeffs, dtype=np.float64)
     if coeffs.ndim != 2 or coeffs.shape[1] != len(directions):
@@ -144,6 +151,10 @@ def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
     how = resolve_strategy(strategy, device, bn)
     if bn == "recompute" and bn_data is None:
         raise ValueError("bn='recompute' needs bn_data (training inputs to re-estimate statistics)")
+    pg = _process_group(group)
+    if pg is not None:
+        return _evaluate_sharded(pg, model, center, directions, coeffs, x, y, loss_fn=loss_fn, bn=bn,
+                                 bn_data=bn_data, strategy=strategy, chunk_size=chunk_size)
     was_training = model.training
     model.eval()
     try:
@@ -159,6 +170,45 @@ def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
         return _evaluate_loop(model, center, directions, coeffs, x, y, loss_fn, bn, bn_data)
     finally:
         model.train(was_training)
+
+
+def _process_group(group):
+    """The process group to shard over, or None (not distributed, one rank, or ``group=None``)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group != "auto":
+            raise ValueError("a process group was given but torch.distributed is not initialised "
+                             "(call torch.distributed.init_process_group, e.g. under torchrun)")
+        return None
+    pg = dist.group.WORLD if group == "auto" else group
+    return pg if dist.get_world_size(pg) > 1 else None
+
+
+def _evaluate_sharded(pg, model, center, directions, coeffs, x, y, **kwargs) -> Points:
+    """This rank's contiguous block of the rows, then an all_gather of every rank's results."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    bounds = np.linspace(0, len(coeffs), world + 1).round().astype(int)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    mine = (evaluate(model, center, directions, coeffs[lo:hi], x, y, group=None, **kwargs)
+            if hi > lo else Points(np.zeros(0), np.zeros(0)))
+    longest = int(np.max(np.diff(bounds)))
+    # gloo and nccl gather tensors of one shape on the group's device: pad every block to the
+    # longest, as float64 [2, longest] (loss, accuracy)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" \
+        else torch.device("cpu")
+    block = torch.zeros(2, longest, dtype=torch.float64, device=device)
+    block[0, :hi - lo] = torch.as_tensor(mine.loss, dtype=torch.float64)
+    block[1, :hi - lo] = torch.as_tensor(mine.acc, dtype=torch.float64)
+    parts = [torch.empty_like(block) for _ in range(world)]
+    dist.all_gather(parts, block, group=pg)
+    loss = np.concatenate([parts[r][0, :bounds[r + 1] - bounds[r]].cpu().numpy() for r in range(world)])
+    acc = np.concatenate([parts[r][1, :bounds[r + 1] - bounds[r]].cpu().numpy() for r in range(world)])
+    return Points(loss, acc)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 import copy
 import importlib.util
+import os
 import warnings
 
 import numpy as np
@@ -8,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from landscape_lib import directions, landscape, models, params
+
+from conftest import ROOT
 
 
 @pytest.fixture
@@ -190,3 +193,37 @@ def test_benchmark_plane_matches_the_plain_loop():
     ref = bench.run("loop", *prob)
     lib = bench.run("library", *prob)
     assert np.max(np.abs(lib - ref) / np.abs(ref)) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_plane_sharded_over_two_gloo_ranks_equals_the_one_process_plane(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): each rank evaluates its block of the grid, all_gather
+    gives both ranks the whole plane, and it equals the plane computed here in one process."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--nproc-per-node", "2", str(ROOT / "benchmarks" / "plane_distributed.py"),
+        "--points", "9", "--repeats", "1", "--out", str(tmp_path / "planes.npz")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = np.load(tmp_path / "planes.npz")
+    spec = importlib.util.spec_from_file_location("plane_bench", ROOT / "benchmarks" / "plane.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    net, center, d1, d2, axis, x, y = bench.problem("cpu", 9)
+    here = landscape.plane(net, center, d1, d2, axis, axis, x, y)
+    np.testing.assert_allclose(got["many_loss"], here.loss, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(got["many_acc"], here.acc)
+    assert "2 rank(s) (gloo)" in proc.stdout
+
+
+def test_a_process_group_without_torch_distributed_is_an_error():
+    net = models.MLP(3, (4,), 2)
+    w = params.weights(net)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        landscape.line(net, w, w, [0.0, 1.0], torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
+                       group=object())

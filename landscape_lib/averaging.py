@@ -197,9 +197,9 @@ def periodic_swa(model: nn.Module, data: Dataset, *, make_optimizer: MakeOptimiz
     at the end of every epoch of the period, and at its end :func:`restart` from the average
     with a fresh optimizer and a new, empty average. ``lr_at(e)`` (a function of the
     fractional epoch, e.g. :func:`~landscape_lib.schedules.swa_lr`) sets the learning rate per
-    batch across restarts, so the backbone run with the same ``lr_at`` and ``generator`` sees the same learning rates and
-    batches. ``restart_last=False`` leaves the final iterate in ``model`` instead of the last
-    average. ``eval_every``: evaluate the running average every this many epochs (and at each
+    batch across restarts, so the backbone run with the same ``lr_at`` and ``generator`` sees the
+    same learning rates and batches. ``restart_last=False`` leaves the final iterate in ``model``
+    instead of the last average. ``eval_every``: evaluate the running average every this many epochs (and at each
     period's end; 0: only at the ends).
     """
     if period < 1:

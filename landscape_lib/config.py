@@ -137,4 +137,14 @@ def setup(profile: str = "cpu", seed: int = 0, device: str = "auto",
     else:
         torch.backends.cudnn.benchmark = True
     seed_everything(seed)
-    return Setup(profile=profile, seed=seed, device=dev, threads=n)
+    global _CURRENT
+    _CURRENT = Setup(profile=profile, seed=seed, device=dev, threads=n)
+    return _CURRENT
+
+
+_CURRENT: Setup | None = None
+
+
+def current() -> Setup | None:
+    """The set-up of the last :func:`setup` call in this process (the chapter's), if any."""
+    return _CURRENT

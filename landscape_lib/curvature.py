@@ -7,9 +7,15 @@ Everything here works on the loss of a fixed data subset ``(x, y)``,
 with ``θ`` the trainable parameters of any ``nn.Module`` (as a dict, see :mod:`.params`). The
 Hessian ``H = ∇²L`` is never formed; every method needs only products ``Hv``.
 
-* **Hessian-vector product** (Pearlmutter 1994), forward-over-reverse:
-  ``Hv = ∂/∂ε ∇L(θ + εv)|_{ε=0}`` is ``torch.func.jvp`` of ``torch.func.grad`` of the loss
-  written through ``functional_call``. A large data set is split into chunks ``c`` of ``n_c``
+* **Hessian-vector product** (Pearlmutter 1994), in one of two AD compositions (``mode=``):
+  *forward-over-reverse*, ``Hv = ∂/∂ε ∇L(θ + εv)|_{ε=0}``, is ``torch.func.jvp`` of
+  ``torch.func.grad`` of the loss written through ``functional_call``; *reverse-over-reverse*,
+  ``Hv = ∇_θ⟨∇L(θ), v⟩``, is ``torch.autograd`` double backward. ``"auto"`` takes the first
+  and falls back to the second, once, where an operation has no forward-mode derivative
+  (``grid_sample``, ``cdist``, ``huber_loss``, a custom ``autograd.Function`` without ``jvp``).
+  Fused kernels that have only a first derivative in either mode (CPU flash attention,
+  ``hardsigmoid``) are swapped for composites of the same function while products run
+  (:func:`second_order_kernels`). A large data set is split into chunks ``c`` of ``n_c``
   points, ``Hv = Σ_c (n_c/N) H_c v`` (each chunk loss is a mean). BatchNorm runs in eval mode
   (running statistics: the loss is a sum over points) unless ``bn="train"`` is asked for
   (batch statistics, which make the Hessian depend on the chunking; running statistics are
@@ -32,11 +38,15 @@ Hessian ``H = ∇²L`` is never formed; every method needs only products ``Hv``.
   polynomials of degree < 2m) and ``E[vᵀg(H)v]/‖v‖² = tr g(H)/P`` (:func:`slq_density`).
 * **Hutchinson's trace estimator**: ``tr H = E[vᵀHv]`` for Rademacher or Gaussian ``v``
   (:func:`hutchinson_trace`).
-* **Sharpness**: the average rise ``E_u[L(θ + ρu)] − L(θ)`` over ``u`` uniform on the unit sphere
-  (or filter-normalised Gaussian directions scaled by ρ, :mod:`.directions`;
-  :func:`random_sharpness`), and the worst case ``max_{‖ε‖≤ρ} L(θ + ε) − L(θ)`` approximated by
-  projected gradient ascent that starts from SAM's first-order solution ``ε = ρ ∇L/‖∇L‖``
-  (Foret et al. 2021; Keskar et al. 2017; :func:`worst_case_sharpness`).
+* **Sharpness**, the rise of the loss within a radius ρ of θ, three ways (all here, so that the
+  word means one family of measures): along one slice, ``½[f(−ρ) + f(ρ)] − f(0)`` of a
+  :class:`.landscape.Line` ``f(α) = L(θ + αd)`` (:func:`slice_sharpness`, Li et al. 2018's
+  1-D plots; ``≈ ½ρ² dᵀHd``); averaged over random directions, ``E_u[L(θ + ρu)] − L(θ)`` over
+  ``u`` uniform on the unit sphere (or filter-normalised Gaussian directions scaled by ρ,
+  :mod:`.directions`; :func:`random_sharpness`, ``≈ ρ² tr(H)/(2n)``); and the worst case
+  ``max_{‖ε‖≤ρ} L(θ + ε) − L(θ)`` approximated by projected gradient ascent that starts from
+  SAM's first-order solution ``ε = ρ ∇L/‖∇L‖`` (Foret et al. 2021; Keskar et al. 2017;
+  :func:`worst_case_sharpness`, ``≈ ½ρ² λ_max`` at a minimum).
 * **Largest stable learning rate** (:func:`critical_learning_rate`): bisection on the learning
   rate of a few optimizer steps from the current weights. Gradient descent on a quadratic is
   stable iff ``η < 2/λ_max``; Granziol et al. (2022) predict ``η_max(B) ≈ 2/λ_max(H_B)`` for SGD
@@ -58,6 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from . import directions as D
 from . import params as P
@@ -118,6 +130,97 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, chunk_size: int | None):
     return [(xc, yc, len(xc) / n) for xc, yc in zip(x.split(chunk_size), y.split(chunk_size))]
 
 
+# --- Hessian-vector products -------------------------------------------------------------------
+
+class _CompositeKernels(TorchFunctionMode):
+    """Calls to functions whose PyTorch kernel has no second derivative go to a composite of
+    the same function instead; everything else passes through unchanged.
+
+    ``F.hardsigmoid`` (MobileNetV3's squeeze-excitation gate): ``hardsigmoid_backward`` has
+    neither a forward-mode derivative nor a double backward; ``relu6(x + 3)/6`` is the same
+    function, with the same derivative mask ``−3 < x < 3``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x = args[0]
+            inplace = args[1] if len(args) > 1 else kwargs.get("inplace", False)
+            out = F.relu6(x + 3.0) / 6.0
+            return x.copy_(out) if inplace else out
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def second_order_kernels():
+    """Run a model so that it can be differentiated twice, in either order.
+
+    Some fused kernels implement only a first derivative: scaled-dot-product attention's CPU
+    flash kernel (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, torchvision's
+    VisionTransformer) and ``hardsigmoid`` (torchvision's MobileNetV3). Inside this context
+    attention runs on PyTorch's ``MATH`` backend (the same softmax attention written as
+    matrix products) and ``hardsigmoid`` as ``relu6(x + 3)/6``: the same function, so the same
+    Hessian, and both AD modes of :class:`HVPOperator` work through them.
+    """
+    with sdpa_kernel([SDPBackend.MATH]), _CompositeKernels(), warnings.catch_warnings():
+        # torch's own forward-AD set-up for some backward formulas still calls torch.jit.script
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
+                                category=FutureWarning)
+        yield
+
+
+def _forward_ad_unsupported(err: BaseException) -> bool:
+    """Whether ``err`` says that an operation in the model has no forward-mode derivative
+    (rather than that the model is wrong): the errors PyTorch raises for an ATen operation
+    without a forward-AD formula, a custom ``autograd.Function`` without ``jvp``, and an
+    old-style ``autograd.Function`` (no ``setup_context``) under ``torch.func``."""
+    msg = str(err)
+    if isinstance(err, NotImplementedError):
+        return "forward AD" in msg or "forward mode AD" in msg
+    return isinstance(err, RuntimeError) and "functorch transforms" in msg
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+
+def _forward_over_reverse(loss, w, v, state):
+    """``Hv = ∂/∂ε ∇L(θ + εv)|_{ε=0}``: ``torch.func.jvp`` (forward mode) of ``torch.func.grad``
+    (reverse mode). One forward and one backward pass, both carrying tangents."""
+    return jvp(grad(loss), (w,), (v,))[1]
+
+
+def _reverse_over_reverse(loss, w, v, state):
+    """``Hv = ∇_θ ⟨∇L(θ), v⟩``: plain ``torch.autograd`` double backward (the gradient's graph
+    is kept with ``create_graph=True`` and differentiated again along ``v``). Works where an
+    operation has a double backward but no forward-mode derivative, including old-style
+    ``autograd.Function`` s that ``torch.func`` cannot transform."""
+    names = list(w)
+    leaves = [w[k].detach().requires_grad_() for k in names]
+    with torch.enable_grad():
+        g = torch.autograd.grad(loss(dict(zip(names, leaves))), leaves, create_graph=True,
+                                allow_unused=True, materialize_grads=True)
+        # a gradient component that does not depend on θ has zero second derivative
+        live = [i for i, gi in enumerate(g) if gi.requires_grad]
+        hv = [torch.zeros_like(t) for t in leaves]
+        if live:
+            parts = torch.autograd.grad([g[i] for i in live], leaves,
+                                        grad_outputs=[v[names[i]] for i in live],
+                                        allow_unused=True, materialize_grads=True)
+            hv = list(parts)
+    return dict(zip(names, hv))
+
+
+# The products, by mode name: ``f(loss, w, v, state) -> Hv`` for one data chunk's loss
+# ``loss(w)`` at θ = ``w`` along ``v``. ``state`` is a dict the operator keeps for this mode and
+# chunk across products (unused so far): the place for a mode that keeps one gradient graph per
+# chunk and only back-propagates through it per product. "auto" tries the modes in AUTO_ORDER.
+_PRODUCTS = {"forward-over-reverse": _forward_over_reverse,
+             "reverse-over-reverse": _reverse_over_reverse}
+AUTO_ORDER = ("forward-over-reverse", "reverse-over-reverse")
+HVP_MODES = ("auto", *_PRODUCTS)
+
+
 class HVPOperator:
     """The Hessian of ``loss_fn(model(x), y)`` (+ weight decay) at ``weights``, as an operator.
 
@@ -130,7 +233,9 @@ class HVPOperator:
     loss_fn
         ``loss_fn(outputs, y) -> scalar`` averaged over the batch (default cross-entropy).
     weights
-        The point θ (a dict like :func:`.params.weights`); default: the model's parameters.
+        The point θ (a dict like :func:`.params.weights`); default: the model's parameters. A
+        dict with only some of the parameters gives the Hessian block of those (the others
+        stay at the model's values).
     chunk_size
         Split the data into chunks of this many points (bounds memory); the result is the
         chunk-size-weighted sum of the chunks' HVPs, equal to the unchunked one in eval mode.
@@ -138,16 +243,27 @@ class HVPOperator:
         ``"eval"`` (default: BatchNorm running statistics) or ``"train"`` (batch statistics).
     weight_decay
         ``λ_wd ≥ 0`` added to the Hessian (the Hessian of ``L + λ_wd/2 ‖θ‖²``).
+    mode
+        How a product is differentiated: ``"forward-over-reverse"`` (``torch.func.jvp`` of
+        ``torch.func.grad``), ``"reverse-over-reverse"`` (``torch.autograd`` double backward),
+        or ``"auto"`` (default): forward-over-reverse, unless the first product finds an
+        operation without a forward-mode derivative; then reverse-over-reverse from then on,
+        silently. Either way the product is the same ``Hv``.
 
     ``op.mv(v)`` multiplies a flat torch vector (any float dtype, returns float64 on the model's
     device); ``op.hvp(v_dict)`` a weight dict; ``op.linear_operator()`` is the SciPy view
-    (float64). ``op.calls`` counts Hessian-vector products of all three kinds.
+    (float64). ``op.calls`` counts Hessian-vector products of all three kinds. ``op.mode`` is
+    the mode that runs (``"auto"`` until the first product has chosen); ``op.forward_ad_error``
+    is the first line of the error that made ``"auto"`` leave forward-over-reverse, or None.
+    Products run inside :func:`second_order_kernels`.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  loss_fn: LossFn = F.cross_entropy, *, weights: Weights | None = None,
-                 chunk_size: int | None = None, bn: str = "eval", weight_decay: float = 0.0):
+                 chunk_size: int | None = None, bn: str = "eval", weight_decay: float = 0.0,
+                 mode: str = "auto"):
         _choice(bn, BN_MODES, "bn mode")
+        _choice(mode, HVP_MODES, "HVP mode")
         if chunk_size is not None:
             _positive_int(chunk_size, "chunk_size")
         if not (weight_decay >= 0 and math.isfinite(weight_decay)):
@@ -157,8 +273,17 @@ class HVPOperator:
         self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
         self.weights = OrderedDict((k, v.detach()) for k, v in
                                    (P.weights(model) if weights is None else weights).items())
+        if not self.weights:
+            raise ValueError("weights is empty: the Hessian needs at least one parameter")
+        names = dict(model.named_parameters())
+        unknown = [k for k in self.weights if k not in names]
+        if unknown:
+            raise ValueError(f"weights has keys that are not parameters of the model: {unknown[:5]}; "
+                             f"valid names include {list(names)[:5]}")
         self.buffers = OrderedDict((k, b.detach()) for k, b in model.named_buffers())
         self.chunk_size, self.bn, self.weight_decay = chunk_size, bn, float(weight_decay)
+        self.mode, self.forward_ad_error = mode, None
+        self._state: dict = {}  # per (mode, chunk), for the product functions
         self.n = sum(v.numel() for v in self.weights.values())
         first = next(iter(self.weights.values()))
         self.device, self.dtype = first.device, first.dtype
@@ -192,11 +317,15 @@ class HVPOperator:
         """``∇L(θ)`` as a weight dict (including weight decay)."""
         w = self.weights if weights is None else weights
         out = OrderedDict((k, torch.zeros_like(v)) for k, v in w.items())
-        with bn_mode(self.model, self.bn):
+        names = list(w)
+        with bn_mode(self.model, self.bn), torch.enable_grad():
             for xc, yc, frac in _chunks(self.x, self.y, self.chunk_size):
-                g = grad(self._chunk_loss(xc, yc))(dict(w))
-                for k in out:
-                    out[k].add_(g[k].detach(), alpha=frac)
+                # plain autograd (not torch.func), so that any autograd.Function works
+                leaves = [w[k].detach().requires_grad_() for k in names]
+                g = torch.autograd.grad(self._chunk_loss(xc, yc)(dict(zip(names, leaves))), leaves,
+                                        allow_unused=True, materialize_grads=True)
+                for k, gk in zip(names, g):
+                    out[k].add_(gk, alpha=frac)
         if self.weight_decay:
             for k in out:
                 out[k].add_(w[k], alpha=self.weight_decay)
@@ -205,22 +334,58 @@ class HVPOperator:
     def hvp(self, v: Weights) -> "OrderedDict[str, torch.Tensor]":
         """``Hv`` for a direction given as a weight dict (same keys and shapes as θ)."""
         P.keys_like(self.weights, v)
-        w = dict(self.weights)
-        tangent = {k: v[k].to(device=self.device, dtype=w[k].dtype) for k in w}
-        out = OrderedDict((k, torch.zeros_like(t)) for k, t in w.items())
-        with bn_mode(self.model, self.bn):
-            # forward-over-reverse: the directional derivative of ∇L along v, chunk by chunk
-            for xc, yc, frac in _chunks(self.x, self.y, self.chunk_size):
-                with warnings.catch_warnings():  # torch's own forward-AD set-up uses jit.script
-                    warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
-                                            category=FutureWarning)
-                    _, hv = jvp(grad(self._chunk_loss(xc, yc)), (w,), (tangent,))
-                for k in out:
-                    out[k].add_(hv[k].detach(), alpha=frac)
+        tangent = {k: v[k].to(device=self.device, dtype=w.dtype) for k, w in self.weights.items()}
+        if self.mode != "auto":
+            out = self._product(self.mode, tangent)
+        else:  # the first product: forward-over-reverse if every operation has a forward AD rule
+            out = self._auto_product(tangent)
+        # weight decay: ∇²(λ/2 ‖θ‖²) v = λ v
         if self.weight_decay:
             for k in out:
                 out[k].add_(tangent[k], alpha=self.weight_decay)
         self.calls += 1
+        return out
+
+    def _product(self, mode: str, tangent) -> "OrderedDict[str, torch.Tensor]":
+        """``Σ_c (n_c/N) H_c v`` over the data chunks ``c``, each ``H_c v`` by ``mode``."""
+        product, w = _PRODUCTS[mode], dict(self.weights)
+        out = OrderedDict((k, torch.zeros_like(t)) for k, t in tangent.items())
+        with bn_mode(self.model, self.bn), second_order_kernels():
+            for c, (xc, yc, frac) in enumerate(_chunks(self.x, self.y, self.chunk_size)):
+                try:
+                    hv = product(self._chunk_loss(xc, yc), w, tangent,
+                                 self._state.setdefault((mode, c), {}))
+                except (NotImplementedError, RuntimeError) as err:
+                    if (mode == "forward-over-reverse" and _forward_ad_unsupported(err)
+                            and type(err) in (NotImplementedError, RuntimeError)):
+                        raise type(err)(f"{err}\nHVPOperator: mode='reverse-over-reverse' (or "
+                                        "'auto') differentiates twice in reverse mode "
+                                        "instead") from err
+                    raise
+                for k in out:
+                    out[k].add_(hv[k].detach(), alpha=frac)
+        return out
+
+    def _auto_product(self, tangent) -> "OrderedDict[str, torch.Tensor]":
+        """The first product under ``mode="auto"``: try the modes in ``AUTO_ORDER`` and keep
+        the first that runs."""
+        first, second = AUTO_ORDER
+        try:
+            out = self._product(first, tangent)
+        except (NotImplementedError, RuntimeError) as err:
+            if not _forward_ad_unsupported(err):
+                raise
+            self.forward_ad_error = _first_line(err)
+        else:
+            self.mode = first
+            return out
+        try:
+            out = self._product(second, tangent)
+        except (NotImplementedError, RuntimeError) as err:
+            raise RuntimeError(
+                f"no Hessian-vector product for {type(self.model).__name__}: {first} failed "
+                f"({self.forward_ad_error}) and {second} failed ({_first_line(err)})") from err
+        self.mode = second
         return out
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
@@ -560,6 +725,32 @@ class Sharpness:
     samples: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
+def slice_sharpness(line, radius: float) -> float:
+    """Mean rise ``½[f(−ρ) + f(ρ)] − f(0)`` of a 1-D slice ``f(α) = L(θ + αd)``.
+
+    ``line`` is a :class:`.landscape.Line` (its ``alphas`` and ``loss``; between grid points the
+    loss is interpolated linearly) and ``radius`` is ρ in units of α, so the points are
+    ``θ ± ρd``. Averaging the two sides cancels the gradient term: for a smooth loss the value
+    is ``½ρ² dᵀHd + O(ρ⁴)``.
+
+    How it relates to the other two measures: for ``d = u`` drawn uniformly on the unit sphere
+    it is the mean of an antithetic pair (``u``, ``−u``) of :func:`random_sharpness` samples at
+    ρ, so its average over directions is the same ``ρ² tr(H)/(2n)``; for filter-normalised
+    directions (:func:`.directions.random`, as in Li et al.'s plots) it is the antithetic form of
+    ``random_sharpness(..., filter_normalized=True)``. The true worst case
+    (:func:`worst_case_sharpness`, radius ``ρ‖d‖``) bounds it from above.
+    """
+    radius = _positive(radius, "radius")
+    order = np.argsort(line.alphas)
+    a = np.asarray(line.alphas, dtype=np.float64)[order]
+    f = np.asarray(line.loss, dtype=np.float64)[order]
+    if -radius < a[0] - 1e-12 or radius > a[-1] + 1e-12:
+        raise ValueError(f"radius {radius} lies outside the slice [{a[0]}, {a[-1]}]: the slice must "
+                         "reach α = −radius and α = +radius")
+    at = lambda t: float(np.interp(t, a, f))  # noqa: E731
+    return 0.5 * (at(-radius) + at(radius)) - at(0.0)
+
+
 def _unit_sphere(w: Weights, generator: torch.Generator | None) -> "OrderedDict[str, torch.Tensor]":
     d = OrderedDict((k, torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device))
                     for k, v in w.items())
@@ -646,21 +837,21 @@ class CriticalLR:
 def _diverges(model: nn.Module, start: Mapping[str, torch.Tensor], x, y, make_optimizer,
               lr: float, batch_size: int, steps: int, blowup: float, seed: int,
               loss_fn: LossFn, initial: float) -> tuple[bool, float]:
-    """Train ``steps`` steps from ``start`` at ``lr``; diverged if non-finite or the final
-    loss on ``(x, y)`` exceeds ``blowup``·initial."""
+    """Train ``steps`` steps from ``start`` at ``lr`` with ``train.fit`` (one epoch of ``steps``
+    random batches); diverged if training stopped on a non-finite loss or the final loss on
+    ``(x, y)`` exceeds ``blowup``·initial."""
+    from . import train as T
+    from .data import Dataset
+
     P.load(model, start)
-    model.train()
     opt = make_optimizer(model.parameters(), lr)
-    g = torch.Generator().manual_seed(seed)  # the same batches for every trial
-    n = len(x)
-    for _ in range(steps):
-        idx = torch.randperm(n, generator=g)[:batch_size].to(x.device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
-        if not torch.isfinite(loss):
-            return True, float("inf")
-        loss.backward()
-        opt.step()
+    probe = Dataset("probe", x, y, x[:1], y[:1], 0)
+    try:  # the same batches for every trial: a generator seeded alike
+        T.fit(model, probe, optimizer=opt, epochs=1, sampler=T.RandomSubsets(batch_size, steps),
+              loss_fn=loss_fn, generator=torch.Generator().manual_seed(seed), eval_every=0,
+              progress=False)
+    except T.Diverged:
+        return True, float("inf")
     with torch.no_grad():
         model.eval()
         final = float(loss_fn(model(x), y))

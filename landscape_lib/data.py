@@ -18,6 +18,13 @@ device: :func:`crop_flip` (CIFAR) and :func:`shift_jitter` (sequences such as MN
 
 Downloaded on first use (the ``gpu`` profile): ``cifar10`` and ``cifar100`` through
 ``torchvision.datasets``, normalised per channel with the training-set statistics.
+
+**Stand-in CIFAR.** Where CIFAR cannot be downloaded, ``python -m landscape_lib run --profile gpu
+--stand-in-data`` (``LANDSCAPE_STAND_IN=1``) makes ``load("cifar10")``/``load("cifar100")`` serve
+random images of the real shapes and sizes (50,000 training and 10,000 test images of 3×32×32,
+uniform labels), written once in the real file format (pickled batches, :func:`write_stand_in_cifar`)
+and read through torchvision's own ``CIFAR10``/``CIFAR100`` classes, so every ``gpu`` code path,
+its memory and its wall time are exercised; the dataset's name says ``stand-in``.
 """
 from __future__ import annotations
 
@@ -208,12 +215,65 @@ def _split(name, x, y, n_classes, test_fraction, g) -> Dataset:
     return Dataset(name, f(x[tr]), i(y[tr]), f(x[te]), i(y[te]), n_classes)
 
 
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels", 100),
+}
+
+
+def stand_in() -> bool:
+    """Whether CIFAR is to be served as stand-in data (``LANDSCAPE_STAND_IN=1``)."""
+    return os.environ.get("LANDSCAPE_STAND_IN", "0") not in ("", "0", "false", "False")
+
+
+def write_stand_in_cifar(root: str | Path, name: str, n_train: int = 50000, n_test: int = 10000,
+                         seed: int = 0) -> dict:
+    """Write random uint8 images with uniform labels in the real CIFAR python format under ``root``
+    (the folder torchvision expects); return the file lists with their MD5 sums, for a torchvision
+    class that checks them. Written to a temporary folder and renamed, so concurrent chapters do
+    not see half-written files."""
+    import hashlib
+    import pickle
+    import shutil
+    import tempfile
+
+    if name not in CIFAR_FILES:
+        raise ValueError(f"unknown CIFAR set {name!r}; valid: {', '.join(CIFAR_FILES)}")
+    folder, train, test, meta, meta_key, label_key, n_classes = CIFAR_FILES[name]
+    root = Path(root)
+    target = root / folder
+    if not target.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        g = np.random.default_rng(seed)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".standin-"))
+        for files, n in ((train, n_train), (test, n_test)):
+            for i, f in enumerate(files):
+                k = n // len(files) + (1 if i < n % len(files) else 0)
+                entry = {"data": g.integers(0, 256, (k, 3072), dtype=np.uint8),
+                         label_key: g.integers(0, n_classes, k).tolist()}
+                (tmp / f).write_bytes(pickle.dumps(entry))
+        (tmp / meta).write_bytes(pickle.dumps({meta_key: [f"class {i}" for i in range(n_classes)]}))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process was faster
+            shutil.rmtree(tmp, ignore_errors=True)
+    md5 = {f: hashlib.md5((target / f).read_bytes()).hexdigest() for f in [*train, *test, meta]}
+    return {"train_list": [[f, md5[f]] for f in train], "test_list": [[f, md5[f]] for f in test],
+            "meta": {"filename": meta, "key": meta_key, "md5": md5[meta]}}
+
+
 def _cifar(name: str, root: str | Path | None, download: bool) -> Dataset:
     try:
         from torchvision import datasets
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("CIFAR needs torchvision: pip install torchvision") from exc
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    if stand_in():
+        root = Path(root) if root is not None else cache_dir() / "cifar-standin"
+        # torchvision's own class and loading code, with the MD5 sums of the stand-in files
+        cls = type(f"StandIn{cls.__name__}", (cls,), write_stand_in_cifar(root, name))
+        name, download = f"{name} (stand-in)", False
     root = Path(root) if root is not None else cache_dir() / "cifar"
     try:
         train = cls(str(root), train=True, download=download)
@@ -230,7 +290,7 @@ def _cifar(name: str, root: str | Path | None, download: bool) -> Dataset:
 
     xtr, ytr = tensors(train)
     xte, yte = tensors(test)
-    return Dataset(name, xtr, ytr, xte, yte, len(train.classes))
+    return Dataset(name, xtr, ytr, xte, yte, len(train.classes))  # name says "(stand-in)" if so
 
 
 def with_label_noise(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:

@@ -97,8 +97,15 @@ def reliability(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
 
 def ece(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> float:
     """Expected calibration error with ``n_bins`` equal-width bins."""
-    r = reliability(probs, y, n_bins)
+    return ece_from_bins(reliability(probs, y, n_bins))
+
+
+def ece_from_bins(r: dict) -> float:
+    """``Σ_m |B_m|/N · |acc(B_m) − conf(B_m)|`` from :func:`reliability`'s output (empty bins
+    contribute nothing); what :func:`ece` returns, for a caller that holds the bins already."""
     n = sum(r["count"])
+    if n == 0:
+        raise ValueError("the reliability bins hold no points")
     return float(sum(c / n * abs(a - f) for c, a, f in zip(r["count"], r["accuracy"], r["confidence"])
                      if c > 0))
 
@@ -228,8 +235,9 @@ class Members:
             **kwargs) -> "Members":
         """FGE's members (Garipov et al. 2018): one at the middle of every cycle of
         ``cycle`` epochs of :func:`~landscape_lib.schedules.triangular_lr`, after the steps of
-        the cycle's first half, when the rate has come down to its minimum α₂. Steps count from the start of the cycling run (``start_epoch`` shifts
-        them when the run continues a history)."""
+        the cycle's first half, when the rate has come down to its minimum α₂. Steps count from
+        the start of the cycling run (``start_epoch`` shifts them when the run continues a
+        history)."""
         period = cycle * steps_per_epoch
         if period != int(period) or period < 2:
             raise ValueError(f"a cycle must be a whole number (>= 2) of steps, got "

@@ -14,6 +14,12 @@ so the surface is deterministic). Two strategies compute the same numbers:
 * ``vmap`` — stack a chunk of points ``θ[m] = θ* + C[m]·D`` (one ``einsum`` per tensor) and map
   the model over them with ``torch.func.vmap``. On a GPU, where small models are launch-bound,
   this is what makes planes cheap; on one CPU thread the extra memory traffic makes it slower.
+  Where ``vmap`` cannot batch an operation of the model (data-dependent control flow,
+  ``.item()``, outputs of data-dependent shape such as ``nonzero`` or boolean-mask indexing),
+  ``vmap`` raises on the first chunk and the evaluation falls back to ``loop`` with a
+  :class:`VmapFallbackWarning` naming the model class and the reason. (Operations that merely
+  lack a fast batching rule, like ``nn.MultiheadAttention``'s inference fast path, run through
+  PyTorch's own slower per-point fallback, with PyTorch's performance warning.)
 
 ``strategy="auto"`` takes ``vmap`` on CUDA and ``loop`` elsewhere (measured, see the tests and
 the README's benchmark). BatchNorm is explicit: ``bn="keep"`` evaluates in eval mode with the
@@ -21,11 +27,14 @@ centre's running statistics; ``bn="recompute"`` re-estimates them at every point
 ``bn_data`` (a loop, since it runs the model in train mode).
 
 Shape summaries (Vlaar & Frankle 2022; Li et al. 2018; Garipov et al. 2018): :func:`max_rise`,
-:func:`is_monotone`, :func:`barrier`, :func:`nonconvex_fraction`, :func:`sharpness`.
+:func:`is_monotone`, :func:`barrier`, :func:`nonconvex_fraction`. The sharpness of a slice is
+:func:`.curvature.slice_sharpness`, beside the other sharpness measures.
 """
 from __future__ import annotations
 
 import copy
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -44,6 +53,24 @@ Weights = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class VmapFallbackWarning(UserWarning):
+    """``strategy="vmap"`` could not batch the model and the per-point loop ran instead."""
+
+
+class _VmapUnsupported(Exception):
+    """Raised by the first ``vmap`` chunk when ``vmap`` cannot batch an operation."""
+
+
+def _vmap_cannot_batch(err: BaseException) -> bool:
+    """Whether ``err`` is ``torch.func.vmap`` refusing an operation (its own messages start
+    with ``vmap:``; an operation without any batching rule says "Batching rule not implemented")
+    rather than an error of the model itself."""
+    msg = str(err)
+    return isinstance(err, RuntimeError) and (
+        msg.startswith("vmap:") or "Batching rule not implemented" in msg
+        or "does not yet have a batching rule" in msg)
+
+
 def grid(radius: float, n: int) -> np.ndarray:
     """``n`` equally spaced coefficients on ``[−radius, radius]``."""
     if not radius > 0:
@@ -60,6 +87,14 @@ def _coeffs(values, name: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains non-finite values")
     return arr
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning raised in this module: the first frame outside it."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def resolve_strategy(strategy: str, device: torch.device, bn: str) -> str:
@@ -89,10 +124,19 @@ class Points:
 def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
              coeffs: np.ndarray, x: torch.Tensor, y: torch.Tensor, *,
              loss_fn: LossFn = F.cross_entropy, bn: str = "keep", bn_data: torch.Tensor | None = None,
-             strategy: str = "auto", chunk_size: int | None = None) -> Points:
+             strategy: str = "auto", chunk_size: int | None = None, group="auto") -> Points:
     """Loss and accuracy at ``center + Σ_i coeffs[p, i]·directions[i]`` for every row ``p``.
 
-    ``loss_fn`` must return the mean loss over a batch (like ``F.cross_entropy``).
+    ``loss_fn`` must return the mean loss over a batch (like ``F.cross_entropy``). With
+    ``strategy="vmap"`` (or ``"auto"`` on CUDA), a model or loss that ``torch.func.vmap`` cannot
+    batch is evaluated by the loop instead, with a :class:`VmapFallbackWarning`.
+
+    **Sharded over ranks.** When ``torch.distributed`` is initialised, the points are split over
+    the ranks of ``group`` (``"auto"``: the default group; a ``ProcessGroup``; ``None``: do not
+    shard): rank ``r`` of ``R`` evaluates the ``r``-th of ``R`` contiguous blocks of rows, and an
+    ``all_gather`` gives every rank the whole result, identical to the one-process one (each point
+    is evaluated exactly as it would be alone). Works with ``gloo`` on CPUs and ``nccl`` on GPUs
+    (launch with ``torchrun --nproc-per-node N``); every rank must call with the same arguments.
     """
     coeffs = np.asarray(coeffs, dtype=np.float64)
     if coeffs.ndim != 2 or coeffs.shape[1] != len(directions):
@@ -107,15 +151,64 @@ def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
     how = resolve_strategy(strategy, device, bn)
     if bn == "recompute" and bn_data is None:
         raise ValueError("bn='recompute' needs bn_data (training inputs to re-estimate statistics)")
+    pg = _process_group(group)
+    if pg is not None:
+        return _evaluate_sharded(pg, model, center, directions, coeffs, x, y, loss_fn=loss_fn, bn=bn,
+                                 bn_data=bn_data, strategy=strategy, chunk_size=chunk_size)
     was_training = model.training
     model.eval()
     try:
         if how == "vmap":
-            return _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn,
-                                  chunk_size or 256)
+            try:
+                return _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn,
+                                      chunk_size or 256)
+            except _VmapUnsupported as err:
+                warnings.warn(f"torch.func.vmap cannot batch {type(model).__name__} "
+                              f"({str(err.__cause__).splitlines()[0]}); evaluating point by point "
+                              "(strategy='loop')",
+                              VmapFallbackWarning, stacklevel=_caller_level())
         return _evaluate_loop(model, center, directions, coeffs, x, y, loss_fn, bn, bn_data)
     finally:
         model.train(was_training)
+
+
+def _process_group(group):
+    """The process group to shard over, or None (not distributed, one rank, or ``group=None``)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group != "auto":
+            raise ValueError("a process group was given but torch.distributed is not initialised "
+                             "(call torch.distributed.init_process_group, e.g. under torchrun)")
+        return None
+    pg = dist.group.WORLD if group == "auto" else group
+    return pg if dist.get_world_size(pg) > 1 else None
+
+
+def _evaluate_sharded(pg, model, center, directions, coeffs, x, y, **kwargs) -> Points:
+    """This rank's contiguous block of the rows, then an all_gather of every rank's results."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    bounds = np.linspace(0, len(coeffs), world + 1).round().astype(int)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    mine = (evaluate(model, center, directions, coeffs[lo:hi], x, y, group=None, **kwargs)
+            if hi > lo else Points(np.zeros(0), np.zeros(0)))
+    longest = int(np.max(np.diff(bounds)))
+    # gloo and nccl gather tensors of one shape on the group's device: pad every block to the
+    # longest, as float64 [2, longest] (loss, accuracy)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" \
+        else torch.device("cpu")
+    block = torch.zeros(2, longest, dtype=torch.float64, device=device)
+    block[0, :hi - lo] = torch.as_tensor(mine.loss, dtype=torch.float64)
+    block[1, :hi - lo] = torch.as_tensor(mine.acc, dtype=torch.float64)
+    parts = [torch.empty_like(block) for _ in range(world)]
+    dist.all_gather(parts, block, group=pg)
+    loss = np.concatenate([parts[r][0, :bounds[r + 1] - bounds[r]].cpu().numpy() for r in range(world)])
+    acc = np.concatenate([parts[r][1, :bounds[r + 1] - bounds[r]].cpu().numpy() for r in range(world)])
+    return Points(loss, acc)
 
 
 @torch.no_grad()
@@ -166,8 +259,15 @@ def _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn, chunk_size)
         # θ[m] = θ* + Σ_i C[m, i] D_i  for every tensor, as one contraction
         theta = {k: center[k].unsqueeze(0) + torch.tensordot(cm, stacked[k], dims=1)
                  for k in center}
-        out = batched(theta)  # [m, N, classes]
-        losses.append(batched_loss(out, y).double().cpu())
+        try:
+            out = batched(theta)  # [m, N, classes]
+            loss = batched_loss(out, y)
+        except RuntimeError as err:
+            # the first chunk tells whether vmap can batch this model and loss at all
+            if start == 0 and _vmap_cannot_batch(err):
+                raise _VmapUnsupported() from err
+            raise
+        losses.append(loss.double().cpu())
         accs.append((out.argmax(-1) == y).double().mean(1).cpu())
     return Points(torch.cat(losses).numpy(), torch.cat(accs).numpy())
 
@@ -301,14 +401,3 @@ def nonconvex_fraction(surface: Surface, rel: float = 0.05) -> float:
     lmax, lmin = mean + root, mean - root
     bad = lmin < -rel * np.abs(lmax)
     return float(bad.mean())
-
-
-def sharpness(ln: Line, radius: float) -> float:
-    """Mean rise ``½[f(−r) + f(r)] − f(0)`` of a 1-D slice (linear interpolation on the grid)."""
-    if not radius > 0:
-        raise ValueError(f"radius must be positive, got {radius}")
-    a = ln.alphas
-    if radius > max(abs(a[0]), abs(a[-1])) + 1e-12:
-        raise ValueError(f"radius {radius} lies outside the slice [{a[0]}, {a[-1]}]")
-    f = lambda t: float(np.interp(t, a, ln.loss))  # noqa: E731
-    return 0.5 * (f(-radius) + f(radius)) - f(0.0)

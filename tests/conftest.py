@@ -14,6 +14,15 @@ torch.set_num_threads(1)
 os.environ.setdefault("LANDSCAPE_QUIET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one thread (a test that changes it cannot leak into the next)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

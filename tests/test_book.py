@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from landscape_lib import __main__ as runner
+from landscape_lib import runner
 
 ROOT = Path(__file__).resolve().parent.parent
+SLIDER_JS = "const s = document.getElementById(arguments[0]).layout.sliders[0]; "
 SMOKE_BUDGET_S = 30  # DESIGN.md: each chapter <= 30 s in smoke on a 2-core machine
 
 pytestmark = pytest.mark.slow
@@ -122,7 +123,8 @@ DRAWN = """
 return Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
   id: gd.id,
   svg: !!gd.querySelector('svg.main-svg'),
-  marks: gd.querySelectorAll('.scatterlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path').length,
+  marks: gd.querySelectorAll(
+    '.scatterlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path').length,
   sliders: gd.querySelectorAll('.slider-container').length,
 }));
 """
@@ -130,7 +132,8 @@ return Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
 # what is drawn: the geometry of every data layer, as one string
 PICTURE = """
 const gd = document.getElementById(arguments[0]);
-return Array.from(gd.querySelectorAll('.cartesianlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path'))
+return Array.from(gd.querySelectorAll(
+  '.cartesianlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path'))
   .map(el => [el.getAttribute('d'), el.getAttribute('href'), el.getAttribute('transform')].join(' ')).join('|');
 """
 
@@ -169,8 +172,8 @@ def test_chapter_figures_draw_and_sliders_move(browser, chapter):
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", gd)
         rail = gd.find_element(By.CSS_SELECTOR, ".slider-container .slider-rail-touch-rect")
         before = driver.execute_script(PICTURE, p["id"])
-        active = driver.execute_script("return document.getElementById(arguments[0]).layout.sliders[0].active;", p["id"])
-        n = driver.execute_script("return document.getElementById(arguments[0]).layout.sliders[0].steps.length;", p["id"])
+        active = driver.execute_script(SLIDER_JS + "return s.active;", p["id"])
+        n = driver.execute_script(SLIDER_JS + "return s.steps.length;", p["id"])
         # click the rail at the step farthest from the active one
         target = 0 if active >= n / 2 else n - 1
         width = rail.size["width"]
@@ -181,6 +184,6 @@ def test_chapter_figures_draw_and_sliders_move(browser, chapter):
         while time.time() < deadline and after == before:
             time.sleep(0.2)
             after = driver.execute_script(PICTURE, p["id"])
-        new_active = driver.execute_script("return document.getElementById(arguments[0]).layout.sliders[0].active;", p["id"])
+        new_active = driver.execute_script(SLIDER_JS + "return s.active;", p["id"])
         assert new_active == target, f"{chapter}/{p['id']}: slider did not move ({active} -> {new_active})"
         assert after != before, f"{chapter}/{p['id']}: moving the slider did not change the plot"

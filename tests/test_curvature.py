@@ -1,15 +1,18 @@
 """Tests of landscape_lib.curvature against independent references.
 
-References: the dense Hessian of a tiny network built by reverse-over-reverse autodiff of the
-loss as a function of the *flat* parameter vector (``torch.func.jacrev(torch.func.grad)``, a
-different AD mode from the library's forward-over-reverse HVP on weight dicts) and its
-``numpy.linalg.eigh`` / ``torch.linalg.eigvalsh`` spectrum; central finite differences of
-plain ``torch.autograd`` gradients; analytic quadratics (linear least squares, diagonal
-matrices); statistical tolerances from the estimators' own standard errors.
+References: the dense Hessian of a tiny network built by ``torch.func.jacrev(torch.func.grad)``
+of the loss as a function of the *flat* parameter vector (checked once against
+forward-over-forward ``jacfwd(jacfwd)``, so it stands apart from both of the library's HVP
+modes on weight dicts) and its ``numpy.linalg.eigh`` / ``torch.linalg.eigvalsh`` spectrum;
+central finite differences of plain ``torch.autograd`` gradients (dense, column by column, for
+models that no second-order transform handles); analytic quadratics (linear least squares,
+diagonal matrices); statistical tolerances from the estimators' own standard errors.
+Every HVP test runs in each ``mode``.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -18,16 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape_lib import curvature as C
-from landscape_lib import data, models
+from landscape_lib import data, landscape, models
 from landscape_lib import params as P
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_mlp(seed=0, dtype=torch.float64):
@@ -59,13 +54,54 @@ def autograd_gradient(model, x, y, loss_fn=F.cross_entropy):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
 
 
+def fd_hessian(model, x, y, loss_fn=F.cross_entropy, h=1e-5):
+    """Dense Hessian by central differences of plain autograd gradients, column by column
+    (float64 models; first derivatives only, so it works for any operation)."""
+    w = P.weights(model)
+    flat = P.to_vector(w)
+    cols = []
+    try:
+        for i in range(len(flat)):
+            e = torch.zeros_like(flat)
+            e[i] = h
+            P.load(model, P.from_vector(flat + e, w))
+            gp = autograd_gradient(model, x, y, loss_fn)
+            P.load(model, P.from_vector(flat - e, w))
+            gm = autograd_gradient(model, x, y, loss_fn)
+            cols.append((gp - gm) / (2 * h))
+    finally:
+        P.load(model, w)
+    H = torch.stack(cols, 1)
+    return 0.5 * (H + H.T)
+
+
+MODES = C.HVP_MODES  # auto, forward-over-reverse, reverse-over-reverse
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_dense_reference_agrees_with_forward_over_forward():
+    """The reference Hessian (jacrev∘grad) equals jacfwd∘jacfwd, an AD composition that
+    neither HVP mode uses."""
+    model = tiny_mlp()
+    x, y = tiny_data()
+    w = P.weights(model)
+
+    def f(v):
+        return F.cross_entropy(torch.func.functional_call(model, P.from_vector(v, w), (x,)), y)
+
+    H_ff = torch.func.jacfwd(torch.func.jacfwd(f))(P.to_vector(w))
+    torch.testing.assert_close(dense_hessian(model, x, y), 0.5 * (H_ff + H_ff.T), rtol=1e-12, atol=1e-14)
+
+
 # --- Hessian-vector products -------------------------------------------------------------
 
-def test_hvp_equals_dense_hessian_times_v():
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_equals_dense_hessian_times_v(mode):
     model = tiny_mlp()
     x, y = tiny_data()
     H = dense_hessian(model, x, y)
-    op = C.HVPOperator(model, x, y)
+    op = C.HVPOperator(model, x, y, mode=mode)
+    assert op.mode == mode  # auto has not chosen yet
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         v = torch.randn(op.n, generator=g, dtype=torch.float64)
@@ -78,31 +114,36 @@ def test_hvp_equals_dense_hessian_times_v():
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, H.numpy() @ v, rtol=1e-10, atol=1e-12)
     assert op.calls == 4
+    # auto chose forward-over-reverse: every operation here has a forward-mode derivative
+    assert op.mode == ("forward-over-reverse" if mode == "auto" else mode)
+    assert op.forward_ad_error is None
 
 
-def test_hvp_weight_dict_chunking_and_weight_decay():
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_weight_dict_chunking_and_weight_decay(mode):
     model = tiny_mlp()
     x, y = tiny_data(n=10)
     H = dense_hessian(model, x, y)
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     # chunks of 3, 3, 3, 1 points, weighted by their sizes: the same Hessian
-    chunked = C.HVPOperator(model, x, y, chunk_size=3)
+    chunked = C.HVPOperator(model, x, y, chunk_size=3, mode=mode)
     torch.testing.assert_close(chunked.mv(v), H @ v, rtol=1e-10, atol=1e-12)
     # weight decay λ adds λ·I
-    wd = C.HVPOperator(model, x, y, weight_decay=0.3)
+    wd = C.HVPOperator(model, x, y, weight_decay=0.3, mode=mode)
     torch.testing.assert_close(wd.mv(v), H @ v + 0.3 * v, rtol=1e-10, atol=1e-12)
     # the weight-dict interface agrees with the flat one
     vd = P.from_vector(v, P.weights(model))
-    torch.testing.assert_close(P.to_vector(C.HVPOperator(model, x, y).hvp(vd)).double(), H @ v,
+    torch.testing.assert_close(P.to_vector(C.HVPOperator(model, x, y, mode=mode).hvp(vd)).double(), H @ v,
                                rtol=1e-10, atol=1e-12)
 
 
-def test_hvp_at_other_weights_leaves_model_untouched():
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_at_other_weights_leaves_model_untouched(mode):
     model = tiny_mlp()
     x, y = tiny_data()
     before = P.weights(model)
     other = P.weights(tiny_mlp(seed=5))
-    op = C.HVPOperator(model, x, y, weights=other)
+    op = C.HVPOperator(model, x, y, weights=other, mode=mode)
     H_other = dense_hessian(tiny_mlp(seed=5), x, y)
     v = torch.ones(op.n, dtype=torch.float64)
     torch.testing.assert_close(op.mv(v), H_other @ v, rtol=1e-10, atol=1e-12)
@@ -110,14 +151,15 @@ def test_hvp_at_other_weights_leaves_model_untouched():
         assert torch.equal(t, before[k])
 
 
-def test_hvp_matches_finite_differences_of_gradients():
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_matches_finite_differences_of_gradients(mode):
     """(∇L(θ + hv) − ∇L(θ − hv)) / 2h with plain autograd gradients, float64."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(),
                           nn.Linear(8, 3)).double()
     x = torch.randn(20, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (20,))
-    op = C.HVPOperator(model, x, y)
+    op = C.HVPOperator(model, x, y, mode=mode)
     w = P.weights(model)
     v = torch.randn(op.n, dtype=torch.float64)
     v /= v.norm()
@@ -273,30 +315,32 @@ def bn_model():
     return model
 
 
-def test_batchnorm_eval_mode_by_default():
+@pytest.mark.parametrize("mode", MODES)
+def test_batchnorm_eval_mode_by_default(mode):
     model = bn_model()
     model.train()
     x, y = tiny_data(n=9)
     buffers = P.buffers(model)
-    op = C.HVPOperator(model, x, y)
+    op = C.HVPOperator(model, x, y, mode=mode)
     model.eval()  # the reference: the eval-mode (running statistics) function
     H = dense_hessian(model, x, y)
     model.train()
     v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(op.mv(v), H @ v, rtol=1e-10, atol=1e-12)
     # eval mode, so chunking changes nothing
-    torch.testing.assert_close(C.HVPOperator(model, x, y, chunk_size=4).mv(v), H @ v,
+    torch.testing.assert_close(C.HVPOperator(model, x, y, chunk_size=4, mode=mode).mv(v), H @ v,
                                rtol=1e-10, atol=1e-12)
     assert model.training  # mode restored
     for k, b in P.buffers(model).items():
         assert torch.equal(b, buffers[k])
 
 
-def test_batchnorm_train_mode_uses_batch_statistics_without_updating_them():
+@pytest.mark.parametrize("mode", MODES)
+def test_batchnorm_train_mode_uses_batch_statistics_without_updating_them(mode):
     model = bn_model()
     x, y = tiny_data(n=9)
     buffers = P.buffers(model)
-    op = C.HVPOperator(model, x, y, bn="train")
+    op = C.HVPOperator(model, x, y, bn="train", mode=mode)
     v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     v /= v.norm()
     hv = op.mv(v)
@@ -312,10 +356,204 @@ def test_batchnorm_train_mode_uses_batch_statistics_without_updating_them():
     fd = (grads[0] - grads[1]) / (2 * h)
     assert (hv - fd).norm() <= 1e-6 * hv.norm()
     model.eval()
-    assert (hv - C.HVPOperator(model, x, y).mv(v)).norm() > 1e-3 * hv.norm()  # really different
+    assert (hv - C.HVPOperator(model, x, y, mode=mode).mv(v)).norm() > 1e-3 * hv.norm()  # really different
     for k, b in P.buffers(model).items():
         assert torch.equal(b, buffers[k])
     assert model[1].track_running_stats
+
+
+# --- modes: the same product, whichever way it is differentiated ------------------------------
+
+def test_modes_agree_with_chunks_weight_decay_and_batch_statistics():
+    """bn='train' with chunks makes the Hessian depend on the chunking (batch statistics per
+    chunk); every mode must compute that same operator, weight decay included."""
+    model = bn_model()
+    x, y = tiny_data(n=10)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    for kw in (dict(bn="train", chunk_size=4, weight_decay=0.2), dict(bn="eval", chunk_size=3)):
+        out = {m: C.HVPOperator(model, x, y, mode=m, **kw).mv(v) for m in MODES}
+        for m in MODES:
+            torch.testing.assert_close(out[m], out["forward-over-reverse"], rtol=1e-12, atol=1e-13)
+    whole = C.HVPOperator(model, x, y, bn="train", mode="reverse-over-reverse").mv(v)
+    chunked = C.HVPOperator(model, x, y, bn="train", chunk_size=4, mode="reverse-over-reverse").mv(v)
+    assert (whole - chunked).norm() > 1e-3 * whole.norm()  # chunking matters in train mode
+
+
+class _GridSampled(nn.Module):
+    """A spatial transformer in miniature: an affine grid from the input, then grid_sample
+    (grid_sampler_2d has a double backward but no forward-mode derivative)."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = nn.Linear(16, 6)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        img = x.view(-1, 1, 4, 4)
+        theta = self.loc(x).view(-1, 2, 3)
+        grid = F.affine_grid(theta, img.shape, align_corners=False)
+        return self.fc(F.grid_sample(img, grid, align_corners=False).flatten(1))
+
+
+class _Cube(torch.autograd.Function):
+    """x³ as a custom Function with backward but no jvp (torch.func style)."""
+
+    @staticmethod
+    def forward(t):
+        return t ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (t,) = ctx.saved_tensors
+        return 3 * t ** 2 * g
+
+
+class _OldCube(torch.autograd.Function):
+    """x³ as an old-style custom Function (no setup_context: torch.func cannot transform it)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.save_for_backward(t)
+        return t ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (t,) = ctx.saved_tensors
+        return 3 * t ** 2 * g
+
+
+class _WithFunction(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.fn.apply(self.a(x)))
+
+
+def _huber(out, t):
+    return F.huber_loss(out[:, 0], t.double())
+
+
+@pytest.mark.parametrize("case,why", [("grid_sample", "grid_sampler_2d"),
+                                      ("custom Function without jvp", "jvp function"),
+                                      ("old-style custom Function", "setup_context"),
+                                      ("huber loss", "huber_loss_backward")])
+def test_auto_falls_back_to_reverse_over_reverse_where_forward_ad_is_missing(case, why):
+    torch.manual_seed(0)
+    loss_fn = F.cross_entropy
+    if case == "grid_sample":
+        model = _GridSampled().double()
+        x = torch.randn(6, 16, dtype=torch.float64)
+        with torch.no_grad():  # start near the identity transform
+            model.loc.weight.mul_(0.1)
+            model.loc.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0]))
+    else:
+        model = (tiny_mlp() if case == "huber loss" else
+                 _WithFunction(_Cube if case == "custom Function without jvp" else _OldCube).double())
+        x = tiny_data()[0]
+        loss_fn = _huber if case == "huber loss" else F.cross_entropy
+    y = torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(0))
+    H = fd_hessian(model, x, y, loss_fn)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback is silent
+        op = C.HVPOperator(model, x, y, loss_fn)
+        hv = op.mv(v)
+    assert op.mode == "reverse-over-reverse"
+    assert why in op.forward_ad_error  # why forward-over-reverse was left
+    assert (hv - H @ v).norm() <= 1e-7 * hv.norm()
+    assert (op.mv(v) - hv).norm() == 0 and op.mode == "reverse-over-reverse"  # chosen once
+    top = C.extremal_eigs(op, which="LA", tol=1e-10)
+    np.testing.assert_allclose(top.values[0], torch.linalg.eigvalsh(H)[-1].item(), rtol=1e-7)
+    # forcing the mode that cannot work fails with torch's error and a pointer to the other
+    with pytest.raises((NotImplementedError, RuntimeError), match=rf"(?s){why}.*mode='reverse-over-reverse'"):
+        C.HVPOperator(model, x, y, loss_fn, mode="forward-over-reverse").mv(v)
+
+
+def test_no_mode_raises_naming_both_failures():
+    """multi_margin_loss has neither a forward-mode derivative nor a double backward."""
+    model = tiny_mlp()
+    x, y = tiny_data()
+    op = C.HVPOperator(model, x, y, F.multi_margin_loss)
+    with pytest.raises(RuntimeError, match=r"forward-over-reverse failed \(.*multi_margin.*\) and "
+                                           r"reverse-over-reverse failed \(.*multi_margin.*\)"):
+        op.mv(torch.ones(op.n, dtype=torch.float64))
+
+
+class _GatedAttention(nn.Module):
+    """Multi-head self-attention (CPU flash kernel) and a hardsigmoid gate: torch implements only
+    first derivatives for both, in either AD mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(2, 4)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.gate = nn.Hardsigmoid()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.emb(x)
+        a = self.att(h, h, h, need_weights=False)[0]
+        return self.head((self.gate(a) * h).mean(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_second_order_kernels_make_attention_and_hardsigmoid_twice_differentiable(mode):
+    torch.manual_seed(0)
+    model = _GatedAttention().double().eval()
+    x = torch.randn(5, 3, 2, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    # without the composites neither AD mode gets through these kernels (torch 2.14; should a
+    # later torch differentiate them twice, these two checks fail and the composites can go)
+    w = P.weights(model)
+
+    def f(wd):
+        return F.cross_entropy(torch.func.functional_call(model, wd, (x,)), y)
+
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(torch.func.grad(f), (w,), (w,))
+    with pytest.raises(RuntimeError, match="derivative for .* is not implemented"):
+        _, back = torch.func.vjp(torch.func.grad(f), w)
+        back(w)
+    # the reference uses torch's own kernels, first derivatives only
+    H = fd_hessian(model, x, y)
+    op = C.HVPOperator(model, x, y, mode=mode)
+    v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    hv = op.mv(v)
+    assert (hv - H @ v).norm() <= 1e-7 * hv.norm()
+    assert op.mode == ("forward-over-reverse" if mode == "auto" else mode)
+    # the composite hardsigmoid is the same function, in place too
+    t = torch.linspace(-5, 5, 101, dtype=torch.float64)
+    with C.second_order_kernels():
+        composite = F.hardsigmoid(t)
+        u = t.clone()
+        F.hardsigmoid(u, inplace=True)
+    torch.testing.assert_close(composite, F.hardsigmoid(t), rtol=0, atol=1e-15)
+    torch.testing.assert_close(u, composite, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hvp_on_a_subset_of_parameters_is_the_hessian_block(mode):
+    model = tiny_mlp()
+    x, y = tiny_data()
+    H = dense_hessian(model, x, y)
+    full = P.weights(model)
+    sub = {k: full[k] for k in ("0.bias", "2.weight")}
+    idx = torch.cat([torch.arange(12, 16), torch.arange(16, 24)])  # 0.weight is 4×3, 0.bias 4, ...
+    assert [k for k in full] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    op = C.HVPOperator(model, x, y, weights=sub, mode=mode)
+    assert op.n == 12
+    v = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.mv(v), H[idx][:, idx] @ v, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="not parameters of the model: \\['fc.weight'\\]"):
+        C.HVPOperator(model, x, y, weights={"fc.weight": full["0.weight"]})
 
 
 # --- sharpness on an analytic quadratic ------------------------------------------------------
@@ -365,6 +603,43 @@ def test_worst_case_sharpness_of_a_quadratic():
     avg = C.random_sharpness(model, x, y, rho, n_samples=50, loss_fn=loss_fn,
                              generator=torch.Generator().manual_seed(1))
     assert s.value > avg.value
+
+
+def test_slice_sharpness_of_a_parabola():
+    a = np.linspace(-1, 1, 41)
+    ln = landscape.Line(a, 3 + a ** 2, np.zeros_like(a))
+    assert C.slice_sharpness(ln, 0.5) == pytest.approx(0.25, abs=1e-3)
+    # the order of the alphas does not matter
+    assert C.slice_sharpness(landscape.Line(a[::-1], ln.loss[::-1], ln.acc), 0.5) == \
+        C.slice_sharpness(ln, 0.5)
+    with pytest.raises(ValueError, match="outside"):
+        C.slice_sharpness(ln, 2.0)
+    one_sided = landscape.Line(np.linspace(-0.1, 1, 12), np.zeros(12), np.zeros(12))
+    with pytest.raises(ValueError, match="outside"):  # reaches +0.5 but not −0.5
+        C.slice_sharpness(one_sided, 0.5)
+    with pytest.raises(ValueError, match="radius must be a positive"):
+        C.slice_sharpness(ln, 0.0)
+
+
+def test_slice_sharpness_relates_to_random_and_worst_case_sharpness():
+    """On a quadratic, along a unit direction u: the slice sharpness at ρ is ½ρ²uᵀHu exactly,
+    the mean of the antithetic pair L(θ ± ρu) − L(θ) (random_sharpness's samples), and below the
+    worst case ½ρ²λ_max."""
+    model, x, y, loss_fn, H = least_squares_problem()
+    w = P.weights(model)
+    rho = 0.5
+    u = P.from_vector(torch.randn(H.shape[0], dtype=torch.float64,
+                                  generator=torch.Generator().manual_seed(0)), w)
+    u = {k: t / P.norm(u) for k, t in u.items()}
+    ln = landscape.line(model, w, u, landscape.grid(1.0, 41), x, y, loss_fn=loss_fn, strategy="loop")
+    s = C.slice_sharpness(ln, rho)  # ±0.5 and 0 are grid points: no interpolation
+    uv = P.to_vector(u)
+    np.testing.assert_allclose(s, 0.5 * rho ** 2 * float(uv @ H @ uv), rtol=1e-9)
+    op = C.HVPOperator(model, x, y, loss_fn)
+    pair = [op.loss(P.combine(w, [u], [sgn * rho])) - op.loss() for sgn in (1, -1)]
+    np.testing.assert_allclose(s, np.mean(pair), rtol=1e-9)
+    worst = C.worst_case_sharpness(model, x, y, rho, steps=100, loss_fn=loss_fn)
+    assert s < worst.value <= 0.5 * rho ** 2 * float(torch.linalg.eigvalsh(H)[-1]) * (1 + 1e-9)
 
 
 def test_worst_case_sharpness_first_step_is_sam():
@@ -430,6 +705,9 @@ def test_bad_inputs_name_the_valid_range():
         C.extremal_eigs(op, which="BE")
     with pytest.raises(ValueError, match="valid choices: eval, train"):
         C.HVPOperator(model, x, y, bn="recompute")
+    with pytest.raises(ValueError, match="unknown HVP mode 'double-backward'; valid choices: auto, "
+                                         "forward-over-reverse, reverse-over-reverse"):
+        C.HVPOperator(model, x, y, mode="double-backward")
     with pytest.raises(ValueError, match="valid choices: rademacher, gaussian"):
         C.hutchinson_trace(op, 3, distribution="uniform")
     with pytest.raises(ValueError, match="n_samples must be a positive integer"):

@@ -169,3 +169,36 @@ def test_shift_jitter_rolls_each_example_and_adds_noise():
         data.shift_jitter(torch.zeros(2, 1, 3, 3))
     with pytest.raises(ValueError, match="max_shift must be an integer >= 0"):
         data.shift_jitter(x, max_shift=-1)
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_stand_in_cifar_loads_through_torchvision_with_the_real_shapes(tmp_path, monkeypatch, name, classes):
+    """run --stand-in-data: random images in the real file format, read by torchvision's own
+    CIFAR classes (with the stand-in files' MD5 sums), of the real image shape and, by default,
+    the real set sizes."""
+    monkeypatch.setenv("LANDSCAPE_STAND_IN", "1")
+    data.write_stand_in_cifar(tmp_path, name, n_train=250, n_test=40)
+    ds = data.load(name, root=tmp_path, standardize=False)
+    assert ds.name == f"{name} (stand-in)" and ds.n_classes == classes
+    assert ds.x_train.shape == (250, 3, 32, 32) and ds.x_test.shape == (40, 3, 32, 32)
+    assert ds.x_train.dtype == torch.float32 and 0.0 <= float(ds.x_train.min()) <= float(ds.x_train.max()) <= 1.0
+    assert 0 <= int(ds.y_train.min()) and int(ds.y_train.max()) < classes
+    folder = tmp_path / data.CIFAR_FILES[name][0]
+    first = pickle.loads((folder / data.CIFAR_FILES[name][1][0]).read_bytes())
+    assert torch.allclose(ds.x_train[0], torch.tensor(first["data"][0].reshape(3, 32, 32)) / 255)
+    # written once: a second load reads the same files
+    again = data.load(name, root=tmp_path, standardize=False)
+    assert torch.equal(again.x_train, ds.x_train)
+    monkeypatch.delenv("LANDSCAPE_STAND_IN")
+    with pytest.raises(RuntimeError, match="could not load"):  # without the flag: the real files
+        data.load(name, root=tmp_path, download=False)
+
+
+def test_stand_in_cifar_has_the_real_sizes_by_default(tmp_path):
+    lists = data.write_stand_in_cifar(tmp_path, "cifar10")
+    folder = tmp_path / "cifar-10-batches-py"
+    sizes = [len(pickle.loads((folder / f).read_bytes())["data"]) for f, _ in lists["train_list"]]
+    assert sizes == [10000] * 5
+    assert len(pickle.loads((folder / "test_batch").read_bytes())["data"]) == 10000
+    with pytest.raises(ValueError, match="valid: cifar10, cifar100"):
+        data.write_stand_in_cifar(tmp_path, "svhn")

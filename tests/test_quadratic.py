@@ -69,7 +69,8 @@ def test_simulation_matches_exact_expectations(every):
               precond=np.linspace(0.5, 1.5, 6), w0=np.full(6, 0.7), average_from=31, average_every=every)
     exact = Q.expected_losses(q, **kw)
     sim = Q.simulate(q, runs=20000, seed=5, **kw)
-    for got, want, runs in ((sim.final, exact.final, sim.final_runs), (sim.averaged, exact.averaged, sim.averaged_runs)):
+    for got, want, runs in ((sim.final, exact.final, sim.final_runs),
+                            (sim.averaged, exact.averaged, sim.averaged_runs)):
         se = runs.std() / np.sqrt(len(runs))
         assert abs(got - want) < 4 * se, (got, want, se)
     assert sim.n_averaged == (120 - 31) // every + 1

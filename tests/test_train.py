@@ -56,26 +56,6 @@ def test_divergence_is_detected_with_a_clear_message(blobs):
         train.fit(net, blobs, optimizer=opt, epochs=3, progress=False)
 
 
-class TwoPass(torch.optim.Optimizer):
-    """A closure optimizer in the style of SAM: evaluates the closure twice per step."""
-
-    def __init__(self, params, lr=0.1, fresh=False):
-        super().__init__(params, dict(lr=lr))
-        self.fresh_batch_per_closure = fresh
-        self.calls = 0
-
-    @torch.no_grad()
-    def step(self, closure):
-        with torch.enable_grad():
-            closure()
-            loss = closure()
-        self.calls += 2
-        for g in self.param_groups:
-            for p in g["params"]:
-                p.add_(p.grad, alpha=-g["lr"])
-        return loss
-
-
 def test_sgdr_scheduler_stepped_with_fractional_epochs(blobs):
     net = _net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -2,6 +2,7 @@
 same script as CI (.ci/run), not a copy of its steps."""
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,12 @@ def test_the_gpu_workflow_runs_on_the_documented_self_hosted_runner():
     assert set(labels) - {"self-hosted", "linux", "x64"} <= set(cfg["self-hosted-runner"]["labels"])
     steps = " ".join(s.get("run", "") for s in wf["jobs"]["build"]["steps"])
     assert "--profile gpu" in steps
+
+
+def test_ci_lints_with_ruff_and_the_tree_is_clean():
+    """`.ci/run` runs ruff before the tests, and the tree (library, tests, benchmarks, notebooks) passes it."""
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "ruff check" in script and script.index("ruff check") < script.index("pytest")
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

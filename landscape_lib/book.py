@@ -13,6 +13,8 @@ scoreboard page ``book/scoreboard.md`` generated from the run's ``claims.json``
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +94,32 @@ def scoreboard_runs(root: Path, out: Path) -> tuple[dict, dict]:
     return others, seeds
 
 
+COLAB_BADGE_URL = "https://colab.research.google.com/assets/colab-badge.svg"
+_PLOTLY_SCRIPT = re.compile(r'[ \t]*<script src="[^"]*_static/plotly\.min\.js[^"]*"></script>\n?')
+_THEBE_CONF = re.compile(r'[ \t]*<script>const THEBE_JS_URL = [^<]*</script>\n?')
+
+
+def polish(html_dir: Path) -> None:
+    """Make the built pages work offline and load only what they use: the "Open in Colab" badge
+    comes from ``_static/colab-badge.svg`` (the only external request the pages made), the
+    sphinx-thebe configuration script that Jupyter Book 1 emits twice on notebook pages is kept
+    once (the second copy threw ``Identifier 'THEBE_JS_URL' has already been declared``), and
+    plotly.js is loaded only on pages that draw a figure."""
+    html_dir = Path(html_dir)
+    for page in html_dir.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        new = text
+        rel = os.path.relpath(html_dir / "_static" / "colab-badge.svg", page.parent).replace(os.sep, "/")
+        new = new.replace(COLAB_BADGE_URL, rel)
+        thebe = list(_THEBE_CONF.finditer(new))
+        for m in reversed(thebe[1:]):
+            new = new[:m.start()] + new[m.end():]
+        if "Plotly.newPlot" not in new:
+            new = _PLOTLY_SCRIPT.sub("", new)
+        if new != text:
+            page.write_text(new, encoding="utf-8")
+
+
 def build(profile: str = "cpu", seed: int = 0, jobs: int | None = None, device: str = "auto",
           force: bool = False, timeout: float | None = None, root: Path | None = None,
           stand_in: bool = False, executor: str = "local", address: str | None = None) -> int:
@@ -119,5 +147,6 @@ def build(profile: str = "cpu", seed: int = 0, jobs: int | None = None, device: 
     if proc.returncode != 0:
         print("jupyter-book build failed (warnings count as errors)")
         return proc.returncode
+    polish(html)
     print(f"book built: {(html / 'index.html').relative_to(root)}")
     return status

@@ -312,19 +312,27 @@ def verdict(r: Record) -> str:
     return ("✓ holds" if r.holds else "✗ fails") + ("" if r.gated else " (not gated)")
 
 
+NUM_CELL = ' class="num"'
+
+
 def table_html(recs: Sequence[Record] | None = None) -> str:
-    """The claims as an HTML table (measured, test, margin, verdict, seeds, paper, note)."""
+    """The claims as an HTML table (measured, test, margin, verdict, seeds, paper, note), in the
+    same scrolling container and style as ``viz.table``; the verdict is coloured."""
     recs = records() if recs is None else recs
+    num = {1, 3}  # measured, margin: right-aligned
     rows = []
     for r in recs:
         note = r.note if r.gated or not r.reason else f"not gated: {r.reason} {r.note}".strip()
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}", _fmt(r.margin),
-            verdict(r), spread(r), r.paper or "", note)) + "</tr>")
+        cells = [html.escape(str(c)) for c in (
+            r.claim, _fmt(r.measured), f"{r.comparison} {_fmt(r.threshold)}", _fmt(r.margin))]
+        cells.append(_verdict_html(r))
+        cells += [html.escape(str(c)) for c in (spread(r), r.paper or "", note)]
+        rows.append("<tr>" + "".join(f"<td{NUM_CELL if i in num else ''}>{c}</td>"
+                                     for i, c in enumerate(cells)) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("claim", "measured", "test", "margin", "verdict",
                                               "seeds", "paper", "note"))
-    return (f'<table class="claims-table"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')
+    return (f'<div class="table-scroll"><table class="claims-table"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def report() -> list[Record]:

@@ -69,23 +69,164 @@ def plotly_js_path() -> Path:
     return path
 
 
+#: Minimum drawing width of one panel of a side-by-side figure: on a phone such a figure keeps
+#: this width per panel and scrolls sideways inside its container instead of shrinking.
+PANEL_MIN_PX = 300
+
+
+def _panels(fig) -> int:
+    """How many panels sit side by side (distinct x domains of the cartesian axes)."""
+    doms = set()
+    for name in fig.layout:
+        if re.fullmatch(r"xaxis\d*", name):
+            d = fig.layout[name].domain
+            doms.add(tuple(round(float(v), 3) for v in d) if d is not None else (0.0, 1.0))
+    return max(1, len(doms))
+
+
+def _label_titles(obj) -> None:
+    """:func:`label` on an axis's or colorbar's title text, in place."""
+    t = getattr(obj, "title", None)
+    if t is not None and getattr(t, "text", None):
+        t.text = label(t.text)
+
+
+def finalize(fig):
+    """The layout rules every figure gets when it is shown (:func:`show`), so no chapter can
+    get them wrong: the book's template (:data:`THEME`), a responsive width (no fixed pixel
+    width), the legend horizontal below the plot (:data:`LEGEND_BELOW`, below the slider of a
+    slider figure), and notation rendered by :func:`label` in axis titles, colorbar titles,
+    legend entries and the title, in the figure and in every slider frame. Returns ``fig``."""
+    lay = fig.layout
+    fig.update_layout(template=_theme(), autosize=True, width=None)
+    if lay.showlegend is not False:
+        fig.update_layout(legend=LEGEND_BELOW)
+        if lay.margin.b is None or lay.margin.b < 40:
+            fig.update_layout(margin=dict(b=40))
+    if lay.title is not None and lay.title.text:
+        lay.title.text = label(lay.title.text)
+    for name in lay:
+        if re.fullmatch(r"[xy]axis\d*", name):
+            _label_titles(lay[name])
+    if lay.scene is not None:
+        for ax in (lay.scene.xaxis, lay.scene.yaxis, lay.scene.zaxis):
+            _label_titles(ax)
+    traces = list(fig.data) + [t for f in (fig.frames or ()) for t in (f.data or ())]
+    for t in traces:
+        if getattr(t, "name", None):
+            t.name = label(t.name)
+        cb = getattr(t, "colorbar", None)
+        if cb is not None:
+            _label_titles(cb)
+    for f in fig.frames or ():
+        if f.layout is not None and f.layout.title is not None and f.layout.title.text:
+            f.layout.title.text = label(f.layout.title.text)
+    return fig
+
+
 def to_html(fig, div_id: str | None = None) -> str:
-    """A figure as an HTML fragment that expects ``window.Plotly`` to be loaded already."""
+    """A figure as an HTML fragment that expects ``window.Plotly`` to be loaded already, in a
+    ``landscape-figure`` container that never overflows the text column; side-by-side panels
+    keep :data:`PANEL_MIN_PX` each (the container scrolls sideways on a phone)."""
     div_id = div_id or f"landscape-fig-{next(_ids)}"
     # auto_play=False: plotly would otherwise run through every slider frame on page load and
     # leave the figure on the last one.
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, auto_play=False,
-                       config={"displaylogo": False, "responsive": True})
+    inner = fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, auto_play=False,
+                        config={"displaylogo": False, "responsive": True})
+    n = _panels(fig)
+    style = f' style="min-width: {n * PANEL_MIN_PX}px"' if n > 1 else ""
+    return f'<div class="landscape-figure"><div{style}>{inner}</div></div>'
 
 
 def show(fig) -> None:
-    """Display a plotly figure: HTML for the book, plotly's renderer elsewhere."""
+    """Display a plotly figure (after :func:`finalize`): HTML for the book, plotly's renderer
+    elsewhere."""
+    finalize(fig)
     if book_mode():
         from IPython.display import HTML, display
 
         display(HTML(to_html(fig)))
     else:
         fig.show()
+
+
+def _axis_values(t, letter: str) -> np.ndarray:
+    """The finite numeric values a trace puts on its ``x`` or ``y`` axis (empty if categorical,
+    or if the trace type's extent is not its data, e.g. a histogram's counts)."""
+    if t.type not in ("scatter", "scattergl", "contour", "heatmap", "bar"):
+        return np.zeros(0)
+    if t.type == "bar" and letter == ("y" if (t.orientation or "v") == "v" else "x"):
+        v = np.asarray(t[letter] if t[letter] is not None else [], dtype=object)
+        base = t.base if t.base is not None else 0.0
+        try:
+            top = v.astype(np.float64) + np.asarray(base, dtype=np.float64)
+        except (TypeError, ValueError):
+            return np.zeros(0)
+        return np.concatenate([top.ravel(), np.atleast_1d(np.asarray(base, dtype=np.float64)).ravel()])
+    v = t[letter]
+    if v is None:
+        return np.zeros(0)
+    try:
+        a = np.asarray([np.nan if x is None else x for x in np.asarray(v, dtype=object).ravel()], dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.zeros(0)  # categorical
+    return a[np.isfinite(a)]
+
+
+def _fixed_ranges(fig, frames, static, frame_layouts) -> dict:
+    """Explicit ``range`` for every cartesian axis that the layout leaves to autorange and no
+    frame layout sets: the extent of that axis's data over **all** frames and the static traces
+    (5 % padding; in log10 for a log axis). Animated frames then cannot rescale or collapse an
+    axis (plotly's animation does not keep autorange settings), and every frame shows the same
+    scale, so what moves is the data."""
+    set_by_frames = set()
+    for fl in frame_layouts or ():
+        for k, v in (fl or {}).items():
+            if isinstance(v, dict) and "range" in v:
+                set_by_frames.add(k)
+            elif k.endswith("_range"):
+                set_by_frames.add(k[:-len("_range")])
+    values: dict[str, list[np.ndarray]] = {}
+    for t in [tr for f in frames for tr in f] + list(static):
+        for letter in ("x", "y"):
+            ref = getattr(t, letter + "axis", None) or letter
+            axis = letter + "axis" + ref[1:]
+            values.setdefault(axis, []).append(_axis_values(t, letter))
+    out = {}
+    for axis, vs in values.items():
+        ax = fig.layout[axis] if axis in fig.layout else None
+        if axis in set_by_frames or ax is None:
+            continue
+        given = tuple(ax.range) if ax.range is not None else (None, None)
+        if None not in given:
+            continue
+        if ax.type in ("category", "multicategory", "date"):
+            continue
+        v = np.concatenate(vs) if vs else np.zeros(0)
+        if ax.type == "log":
+            v = np.log10(v[v > 0])
+        if v.size == 0:
+            continue
+        lo, hi = float(v.min()), float(v.max())
+        pad = 0.05 * (hi - lo) if hi > lo else max(0.5 * abs(lo), 0.5)
+        rng = [lo - pad, hi + pad]
+        if isinstance(ax.autorange, str) and "reversed" in ax.autorange:
+            rng = rng[::-1]
+        # a one-sided range (e.g. ``autorange="max"`` with ``range=[0, None]``) keeps its given end
+        rng = [g if g is not None else r for g, r in zip(given, rng)]
+        out[axis] = dict(range=rng, autorange=False)
+    return out
+
+
+def _merge_layouts(base: dict, extra: dict | None) -> dict:
+    """``base`` updated by ``extra`` one axis deep (a frame's own ranges win)."""
+    out = {k: dict(v) for k, v in base.items()}
+    for k, v in (extra or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
 
 
 def slider_figure(frames: Sequence[Sequence], labels: Sequence[str], *, slider_title: str,
@@ -113,8 +254,11 @@ def slider_figure(frames: Sequence[Sequence], labels: Sequence[str], *, slider_t
     if frame_layouts is not None and len(frame_layouts) != len(frames):
         raise ValueError(f"{len(frames)} frames but {len(frame_layouts)} frame layouts")
     fig = go.Figure(data=list(frames[active]) + list(static))
+    fig.update_layout(**(layout or {}))
+    fixed = _fixed_ranges(fig, frames, static, frame_layouts)
+    fig.update_layout(fixed)
     fig.frames = [go.Frame(data=list(f), traces=list(range(n)), name=str(i),
-                           layout=frame_layouts[i] if frame_layouts is not None else None)
+                           layout=_merge_layouts(fixed, frame_layouts[i] if frame_layouts is not None else None))
                   for i, f in enumerate(frames)]
     steps = [dict(method="animate", label=str(lab),
                   args=[[str(i)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True},
@@ -122,8 +266,7 @@ def slider_figure(frames: Sequence[Sequence], labels: Sequence[str], *, slider_t
              for i, lab in enumerate(labels)]
     fig.update_layout(template=TEMPLATE,
                       sliders=[dict(active=active, steps=steps, pad={"t": 40},
-                                    currentvalue={"prefix": f"{slider_title}: "})],
-                      **(layout or {}))
+                                    currentvalue={"prefix": f"{slider_title}: "})])
     if frame_layouts is not None:
         fig.update_layout(frame_layouts[active])
     return fig
@@ -199,8 +342,17 @@ def provenance(start: float, device) -> str:
     return line
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 def table_html(rows: Sequence[dict], digits: int = 4) -> str:
-    """Rows of dicts (same keys) as an HTML table; floats shown with ``digits`` significant digits."""
+    """Rows of dicts (same keys) as an HTML table in a horizontally scrolling container.
+
+    Floats are shown with ``digits`` significant digits; numeric cells are right-aligned
+    (``class="num"``) so that columns of numbers line up; the book's stylesheet gives the table
+    padding, rules and a header row, the same as the claims tables.
+    """
     import html
 
     if not rows:
@@ -212,10 +364,16 @@ def table_html(rows: Sequence[dict], digits: int = 4) -> str:
             return f"{float(v):.{digits}g}"
         return str(v)
 
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c, '')))}</td>" for c in cols)
-                   + "</tr>" for r in rows)
-    return f'<table class="results-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    def cell(v):
+        cls = ' class="num"' if _is_number(v) else ""
+        return f"<td{cls}>{html.escape(fmt(v))}</td>"
+
+    numeric = {c: all(_is_number(r.get(c)) for r in rows) for c in cols}
+    num = ' class="num"'
+    head = "".join(f"<th{num if numeric[c] else ''}>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(cell(r.get(c, "")) for c in cols) + "</tr>" for r in rows)
+    return (f'<div class="table-scroll"><table class="results-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def table(rows: Sequence[dict], digits: int = 4) -> None:

@@ -587,3 +587,46 @@ def test_new_figures_have_no_overlapping_text_in_a_browser(tmp_path):
     finally:
         driver.quit()
     assert not problems, problems
+
+
+def test_slider_frames_carry_one_fixed_range_per_axis_covering_every_frame():
+    frames = [[go.Scatter(x=[0, 1], y=[0.0, 1.0])], [go.Scatter(x=[0, 2], y=[-3.0, 10.0])]]
+    fig = viz.slider_figure(frames, ["a", "b"], slider_title="k")
+    for lay in [fig.layout] + [f.layout for f in fig.frames]:
+        lo, hi = lay.yaxis.range
+        assert lo <= -3.0 and hi >= 10.0 and lay.yaxis.autorange is False
+        lo, hi = lay.xaxis.range
+        assert lo <= 0 and hi >= 2
+    # a one-sided range keeps its given end; the other comes from the data of every frame
+    fig = viz.slider_figure(frames, ["a", "b"], slider_title="k",
+                            layout=dict(yaxis=dict(range=[-1.0, None], autorange="max")))
+    assert fig.layout.yaxis.range[0] == -1.0 and fig.layout.yaxis.range[1] >= 10.0
+    assert all(f.layout.yaxis.range[0] == -1.0 for f in fig.frames)
+    # log axes are ranged in log10, ranges a frame sets itself are left to it
+    logf = viz.slider_figure([[go.Scatter(x=[1, 2], y=[1e-3, 1.0])], [go.Scatter(x=[1, 2], y=[1e-1, 1e2])]],
+                             ["a", "b"], slider_title="k", layout=dict(yaxis=dict(type="log")),
+                             frame_layouts=[dict(xaxis=dict(range=[0, 3])), dict(xaxis=dict(range=[0, 5]))])
+    lo, hi = logf.layout.yaxis.range
+    assert lo <= -3 and hi >= 2 and hi < 3
+    assert [tuple(f.layout.xaxis.range) for f in logf.frames] == [(0, 3), (0, 5)]
+
+
+def test_finalize_applies_the_layout_rules_to_any_figure():
+    fig = go.Figure([go.Scatter(x=[0, 1], y=[1, 2], name="λ_max(H_B)"),
+                     go.Scatter(x=[0, 1], y=[2, 1], name="SGD")])
+    fig.update_layout(width=900, legend=dict(x=0.9, y=0.9), xaxis_title="η_max", template="plotly_white")
+    viz.finalize(fig)
+    assert fig.layout.width is None and fig.layout.autosize
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.yanchor == "bottom"
+    assert fig.data[0].name == "λ<sub>max</sub>(H<sub>B</sub>)"
+    assert fig.layout.xaxis.title.text == "η<sub>max</sub>"
+    assert viz.finalize(fig).data[0].name == "λ<sub>max</sub>(H<sub>B</sub>)"  # idempotent
+
+
+def test_side_by_side_panels_keep_a_readable_minimum_width():
+    one = go.Figure([go.Scatter(x=[0, 1], y=[0, 1])])
+    assert "min-width" not in viz.to_html(one, "a")
+    two = go.Figure([go.Scatter(x=[0, 1], y=[0, 1]), go.Scatter(x=[0, 1], y=[0, 1], xaxis="x2", yaxis="y2")])
+    two.update_layout(xaxis=dict(domain=[0, 0.45]), xaxis2=dict(domain=[0.55, 1]), yaxis2=dict(anchor="x2"))
+    html = viz.to_html(two, "b")
+    assert f"min-width: {2 * viz.PANEL_MIN_PX}px" in html and 'class="landscape-figure"' in html

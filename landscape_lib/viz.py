@@ -274,13 +274,14 @@ def slider_figure(frames: Sequence[Sequence], labels: Sequence[str], *, slider_t
 
 def line_figure(x, ys: dict, *, title: str = "", xaxis: str = "", yaxis: str = "",
                 log_y: bool = False):
-    """A plain multi-line figure: ``ys`` maps a legend name to its y values."""
+    """A plain multi-line figure: ``ys`` maps a legend name to its y values (one colour per name,
+    :func:`color`; the layout rules of :func:`apply_layout`)."""
     import plotly.graph_objects as go
 
-    fig = go.Figure([go.Scatter(x=np.asarray(x), y=np.asarray(v), mode="lines", name=k,
-                                line=dict(color=COLORS[i % len(COLORS)]))
-                     for i, (k, v) in enumerate(ys.items())])
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title=xaxis, yaxis_title=yaxis)
+    fig = go.Figure([go.Scatter(x=np.asarray(x), y=np.asarray(v), mode="lines", name=label(k),
+                                line=dict(color=color(k)))
+                     for k, v in ys.items()])
+    apply_layout(fig, title=title, height=420, xaxis=xaxis, yaxis=yaxis)
     if log_y:
         fig.update_yaxes(type="log")
     return fig

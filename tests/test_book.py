@@ -187,3 +187,114 @@ def test_chapter_figures_draw_and_sliders_move(browser, chapter):
         new_active = driver.execute_script(SLIDER_JS + "return s.active;", p["id"])
         assert new_active == target, f"{chapter}/{p['id']}: slider did not move ({active} -> {new_active})"
         assert after != before, f"{chapter}/{p['id']}: moving the slider did not change the plot"
+
+
+# --- what a reader sees: every figure on every chapter page, desktop, 390 px phone, dark -------
+
+# boxes of every plot area (with its subplot), legend, colorbar and axis title of a figure, and
+# which of them cover another subplot's plot area
+READER_BOXES = """
+const gd = document.getElementById(arguments[0]);
+const R = el => { const b = el.getBoundingClientRect(); return {x0: b.left, y0: b.top, x1: b.right, y1: b.bottom}; };
+const plots = [];
+gd.querySelectorAll('.cartesianlayer .subplot').forEach(sp => {
+  const bg = sp.querySelector('.bg') || sp.querySelector('.nsewdrag');
+  const cls = Array.from(sp.classList).find(c => c !== 'subplot') || 'xy';
+  if (bg) plots.push({sub: cls, ...R(bg)});
+});
+const texts = [];
+const add = (kind, sel, sub) => gd.querySelectorAll(sel).forEach(el => {
+  const b = R(el); if (b.x1 - b.x0 > 0.5 && b.y1 - b.y0 > 0.5) texts.push({kind, sub: sub(el), ...b}); });
+add('legend', '.legend .bg', () => null);
+add('colorbar', '.colorbar .cbfills', () => null);
+add('colorbar title', '.colorbar .cbtitle text', () => null);
+add('axis title', '.infolayer [class^=g-x] text, .infolayer [class^=g-y] text', el => {
+  const m = el.parentNode.getAttribute('class').match(/g-([xy])(\\d*)title/);
+  return m ? m[1] + (m[2] || '') : null; });
+const over = (a, b) => Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0) > 2
+  && Math.min(a.y1, b.y1) - Math.max(a.y0, b.y0) > 2;
+const out = [];
+for (const t of texts) for (const p of plots) {
+  // an axis title may touch its own subplot's area only; legends and colorbars touch none
+  const own = t.sub && (p.sub.match(/x\\d*/)[0] === t.sub || (p.sub.match(/y\\d*/) || [''])[0] === t.sub);
+  if (!own && over(t, p)) out.push(t.kind + (t.sub ? ' ' + t.sub : '') + ' covers plot area ' + p.sub);
+}
+const f = R(gd), c = R(gd.closest('.landscape-figure') || gd.parentNode);
+return {overlaps: [...new Set(out)], n_plots: plots.length,
+        overflow: c.x1 - (gd.closest('.cell_output, .output, article') || document.body).getBoundingClientRect().right};
+"""
+
+# every slider frame of a figure: animate to it, read each cartesian axis range
+SLIDER_RANGES = """
+const gd = document.getElementById(arguments[0]), done = arguments[arguments.length - 1];
+const axes = () => Object.keys(gd._fullLayout).filter(k => /^[xy]axis\\d*$/.test(k));
+const ranges = () => Object.fromEntries(axes().map(k => [k, gd._fullLayout[k].range.slice()]));
+(async () => {
+  const first = ranges(), out = [];
+  for (const fr of gd._transitionData._frames) {
+    await Plotly.animate(gd, [fr.name], {mode: 'immediate', frame: {duration: 0, redraw: true},
+                                         transition: {duration: 0}});
+    const own = new Set(Object.keys(fr.layout || {}).filter(k => fr.layout[k] && fr.layout[k].range));
+    const now = ranges();
+    for (const k of Object.keys(now)) {
+      const r = now[k].map(Number);
+      if (!r.every(Number.isFinite)) out.push(`frame ${fr.name}: ${k} range not finite ${now[k]}`);
+      else if (!own.has(k) && first[k] && (Math.abs(r[0] - first[k][0]) > 1e-9 || Math.abs(r[1] - first[k][1]) > 1e-9))
+        out.push(`frame ${fr.name}: ${k} range changed ${first[k]} -> ${now[k]}`);
+    }
+  }
+  done(out);
+})().catch(e => done(['error: ' + e]));
+"""
+
+EXTERNAL = """
+const base = location.origin;
+const urls = performance.getEntriesByType('resource').map(e => e.name)
+  .concat(Array.from(document.images).map(i => i.currentSrc || i.src));
+return urls.filter(u => u && !u.startsWith(base) && !u.startsWith('data:'));
+"""
+
+READER_MODES = {"desktop": (1280, False), "phone": (390, False), "dark": (1280, True)}
+
+
+@pytest.mark.parametrize("mode", list(READER_MODES))
+@pytest.mark.parametrize("chapter", [c.slug for c in runner.chapters(ROOT)])
+def test_chapter_pages_read_well_on_every_screen(browser, chapter, mode):
+    """Every figure of a chapter page, on a desktop, on a 390 px phone and in dark mode: no
+    legend, colorbar or axis title box covers another subplot's plot area; no figure is wider
+    than the text column it sits in; every slider frame leaves each axis range finite and
+    unchanged unless the frame sets it; the page requests nothing outside the book and logs no
+    console error."""
+    driver, base = browser
+    width, dark = READER_MODES[mode]
+    ch = next(c for c in runner.chapters(ROOT) if c.slug == chapter)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 500})
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
+        {"name": "prefers-color-scheme", "value": "dark" if dark else "light"}]})
+    driver.get_log("browser")  # drop earlier pages' messages
+    try:
+        driver.get(f"{base}/{ch.rel.with_suffix('.html').as_posix()}")
+        if dark:
+            driver.execute_script("document.documentElement.dataset.theme = 'dark';"
+                                  "document.documentElement.dataset.mode = 'dark';")
+        plots = _wait_for_plots(driver)
+        time.sleep(0.5)
+        problems = []
+        for p in plots:
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});",
+                                  driver.find_element("id", p["id"]))
+            r = driver.execute_script(READER_BOXES, p["id"])
+            problems += [f"{p['id']}: {o}" for o in r["overlaps"]]
+            if r["overflow"] > 2:
+                problems.append(f"{p['id']}: container {r['overflow']:.0f} px wider than the text column")
+            if p["sliders"]:
+                driver.set_script_timeout(60)
+                problems += [f"{p['id']}: {o}" for o in driver.execute_async_script(SLIDER_RANGES, p["id"])]
+        outside = driver.execute_script(EXTERNAL)
+        problems += [f"request outside the book: {u}" for u in outside]
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        problems += [f"console: {m}" for m in errors]
+        assert not problems, f"{chapter} ({mode}):\n" + "\n".join(problems)
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

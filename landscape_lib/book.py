@@ -104,7 +104,8 @@ def polish(html_dir: Path) -> None:
     comes from ``_static/colab-badge.svg`` (the only external request the pages made), the
     sphinx-thebe configuration script that Jupyter Book 1 emits twice on notebook pages is kept
     once (the second copy threw ``Identifier 'THEBE_JS_URL' has already been declared``), and
-    plotly.js is loaded only on pages that draw a figure."""
+    plotly.js is loaded only on pages that draw a figure, and an unset colour mode reads as "auto"
+    (the theme logged an error for it on a reader's first visit)."""
     html_dir = Path(html_dir)
     for page in html_dir.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
@@ -114,6 +115,8 @@ def polish(html_dir: Path) -> None:
         thebe = list(_THEBE_CONF.finditer(new))
         for m in reversed(thebe[1:]):
             new = new[:m.start()] + new[m.end():]
+        # pydata-sphinx-theme reads an unset colour mode as "" and logs a console error for it
+        new = new.replace('localStorage.getItem("mode") || ""', 'localStorage.getItem("mode") || "auto"')
         if "Plotly.newPlot" not in new:
             new = _PLOTLY_SCRIPT.sub("", new)
         if new != text:

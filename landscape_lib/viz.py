@@ -91,6 +91,50 @@ def _label_titles(obj) -> None:
         t.text = label(t.text)
 
 
+#: Gap between side-by-side panels, as a fraction of the figure width: room for the right
+#: panel's tick labels, and its axis title when it has one, at :data:`PANEL_MIN_PX` per panel.
+PANEL_GAP = 0.10
+PANEL_GAP_TITLED = 0.15
+
+
+def _space_panels(fig) -> None:
+    """Widen the gaps between side-by-side panels where the right panel's y tick labels (and
+    title) would otherwise reach into the panel on its left."""
+    lay = fig.layout
+    xs = {}
+    for name in lay:
+        m = re.fullmatch(r"xaxis(\d*)", name)
+        if m and lay[name].domain is not None:
+            xs["x" + m.group(1)] = name
+    if len(xs) < 2:
+        return
+    titled = {}
+    for name in lay:
+        if re.fullmatch(r"yaxis\d*", name):
+            ax = lay[name]
+            anchor = ax.anchor or ("x" + name[5:])
+            if ax.overlaying is None and ax.side != "right" and ax.showticklabels is not False:
+                titled[anchor] = titled.get(anchor, False) or bool(ax.title and ax.title.text)
+    doms = sorted({tuple(lay[n].domain) for n in xs.values()})
+    if len(doms) < 2 or any(b[0] < a[1] - 1e-9 for a, b in zip(doms, doms[1:])):
+        return  # overlapping domains: not a row of panels
+    new = {d: list(d) for d in doms}
+    for a, b in zip(doms, doms[1:]):
+        right = [k for k, n in xs.items() if tuple(lay[n].domain) == b]
+        need = PANEL_GAP_TITLED if any(titled.get(k) for k in right) else PANEL_GAP
+        if not any(k in titled for k in right):
+            continue  # no left-side y axis on the right panel
+        gap = new[b][0] - new[a][1]
+        if gap < need:
+            mid = (new[a][1] + new[b][0]) / 2
+            new[a][1] = max(new[a][0] + 0.05, mid - need / 2)
+            new[b][0] = min(new[b][1] - 0.05, mid + need / 2)
+    for n in xs.values():
+        d = tuple(lay[n].domain)
+        if list(d) != new[d]:
+            lay[n].domain = new[d]
+
+
 def finalize(fig):
     """The layout rules every figure gets when it is shown (:func:`show`), so no chapter can
     get them wrong: the book's template (:data:`THEME`), a responsive width (no fixed pixel
@@ -99,6 +143,7 @@ def finalize(fig):
     legend entries and the title, in the figure and in every slider frame. Returns ``fig``."""
     lay = fig.layout
     fig.update_layout(template=_theme(), autosize=True, width=None)
+    _space_panels(fig)
     if lay.showlegend is not False:
         fig.update_layout(legend=LEGEND_BELOW)
         if lay.margin.b is None or lay.margin.b < 40:

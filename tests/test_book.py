@@ -197,9 +197,9 @@ READER_BOXES = """
 const gd = document.getElementById(arguments[0]);
 const R = el => { const b = el.getBoundingClientRect(); return {x0: b.left, y0: b.top, x1: b.right, y1: b.bottom}; };
 const plots = [];
-gd.querySelectorAll('.cartesianlayer .subplot').forEach(sp => {
-  const bg = sp.querySelector('.bg') || sp.querySelector('.nsewdrag');
-  const cls = Array.from(sp.classList).find(c => c !== 'subplot') || 'xy';
+gd.querySelectorAll('.draglayer > g').forEach(sp => {
+  const bg = sp.querySelector('.nsewdrag');
+  const cls = sp.getAttribute('class') || 'xy';
   if (bg) plots.push({sub: cls, ...R(bg)});
 });
 const texts = [];

@@ -630,3 +630,15 @@ def test_side_by_side_panels_keep_a_readable_minimum_width():
     two.update_layout(xaxis=dict(domain=[0, 0.45]), xaxis2=dict(domain=[0.55, 1]), yaxis2=dict(anchor="x2"))
     html = viz.to_html(two, "b")
     assert f"min-width: {2 * viz.PANEL_MIN_PX}px" in html and 'class="landscape-figure"' in html
+
+
+def test_side_by_side_panels_get_room_for_the_right_panels_axis_labels():
+    fig = go.Figure([go.Scatter(x=[0, 1], y=[0, 1]), go.Scatter(x=[0, 1], y=[0, 1], xaxis="x2", yaxis="y2")])
+    fig.update_layout(xaxis=dict(domain=[0, 0.47]), xaxis2=dict(domain=[0.53, 1]),
+                      yaxis2=dict(anchor="x2", title="test error"))
+    viz.finalize(fig)
+    assert fig.layout.xaxis2.domain[0] - fig.layout.xaxis.domain[1] >= viz.PANEL_GAP_TITLED - 1e-9
+    wide = go.Figure([go.Scatter(x=[0, 1], y=[0, 1]), go.Scatter(x=[0, 1], y=[0, 1], xaxis="x2", yaxis="y2")])
+    wide.update_layout(xaxis=dict(domain=[0, 0.4]), xaxis2=dict(domain=[0.6, 1]), yaxis2=dict(anchor="x2"))
+    viz.finalize(wide)
+    assert tuple(wide.layout.xaxis.domain) == (0, 0.4) and tuple(wide.layout.xaxis2.domain) == (0.6, 1)

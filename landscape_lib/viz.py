@@ -93,8 +93,8 @@ def _label_titles(obj) -> None:
 
 #: Gap between side-by-side panels, as a fraction of the figure width: room for the right
 #: panel's tick labels, and its axis title when it has one, at :data:`PANEL_MIN_PX` per panel.
-PANEL_GAP = 0.10
-PANEL_GAP_TITLED = 0.15
+PANEL_GAP = 0.12
+PANEL_GAP_TITLED = 0.2
 
 
 def _space_panels(fig) -> None:

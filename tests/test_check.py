@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from landscape_lib import check
+from landscape_lib import check, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "book" / "part2-averaging" / "06-swa.ipynb"
@@ -80,7 +80,7 @@ BREAKS = {
     "claims": lambda cells: [_set(c, _src(c).replace("claims.check(", "print(")) for c in cells],
     "reproduction": lambda cells: [_set(c, _src(c).replace("## Reproduction", "## Results")) for c in cells],
     "summary": lambda cells: [_set(c, _src(c).replace("## Summary", "## Recap")) for c in cells],
-    "exercises": lambda cells: [c["metadata"].pop("nbgrader", None) for c in cells[-4:-2]],
+    "exercises": lambda cells: [c["metadata"].pop("nbgrader", None) for c in cells],
     "provenance": lambda cells: cells.pop(),
     "outputs": lambda cells: _where(cells, "claims.report()").update(
         outputs=[{"output_type": "stream", "name": "stdout", "text": ["x\n"]}], execution_count=3),
@@ -93,6 +93,39 @@ def test_each_broken_rule_is_named(good, rule):
     _edit(path, BREAKS[rule])
     assert (("06-swa", rule) in _problems(root)), _problems(root)
     assert set(BREAKS) == set(check.CHAPTER_RULES)
+
+
+def test_one_graded_exercise_is_not_enough(good):
+    root, path = good
+
+    def keep_one(cells):
+        graded = [c for c in cells if c["metadata"].get("nbgrader", {}).get("grade")]
+        for c in graded[1:]:
+            c["metadata"].pop("nbgrader")
+    _edit(path, keep_one)
+    assert ("06-swa", "exercises") in _problems(root)
+
+
+@pytest.mark.parametrize("chapter", [c.slug for c in runner.chapters(ROOT)])
+def test_every_chapter_of_the_book_passes_the_template_check(chapter):
+    problems = [(p.where, p.rule, p.message) for p in check.run_checks([chapter[:2]], root=ROOT)]
+    assert problems == [], problems
+
+
+def test_every_chapter_of_the_book_has_two_graded_exercises_with_checks_after_solutions():
+    for ch in runner.chapters(ROOT):
+        cells = json.loads(ch.path.read_text())["cells"]
+        meta = [c.get("metadata", {}).get("nbgrader", {}) for c in cells]
+        solutions = [i for i, m in enumerate(meta) if m.get("solution")]
+        grades = [i for i, m in enumerate(meta) if m.get("grade")]
+        assert len(solutions) >= 2 and len(grades) >= 2, ch.slug
+        for i in solutions:  # each solution cell is followed by its self-check
+            assert i + 1 in grades, (ch.slug, i)
+        for i in grades:
+            assert meta[i].get("points", 0) > 0 and meta[i].get("locked") is True, (ch.slug, i)
+            assert "assert" in "".join(cells[i]["source"]), (ch.slug, i)
+        ids = [m["grade_id"] for m in meta if m]
+        assert len(ids) == len(set(ids)), (ch.slug, ids)
 
 
 def test_the_exercise_dropdown_is_required_too(good):

@@ -204,3 +204,16 @@ def test_nbgrader_accepts_a_chapter_and_its_release_matches_student(book, tmp_pa
     mine = coursework.student_notebook(json.loads(path.read_text()))
     assert _regions(release) == _regions(mine)
     assert any("raise NotImplementedError()" in r for r in _regions(release))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", ["02", "09"])  # 09: solutions indented inside functions
+def test_nbgrader_accepts_a_real_chapter_unchanged(tmp_path, number):
+    if shutil.which("nbgrader") is None:
+        pytest.fail("nbgrader is in requirements.txt (the test extra); install it")
+    ch = next(c for c in runner.chapters(ROOT) if c.number == number)
+    release = _nbgrader_release(tmp_path, ch.path)
+    mine = coursework.student_notebook(json.loads(ch.path.read_text()))
+    assert _regions(release) == _regions(mine)
+    assert sum("raise NotImplementedError()" in r for r in _regions(release)) >= 2
+    assert "### BEGIN SOLUTION" not in json.dumps(release)

@@ -84,12 +84,16 @@ def reliability(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
     conf, pred = probs.max(1)
     correct = (pred == y).double()
     conf = conf.double()
-    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    # bin m is (edges[m], edges[m+1]] with edges[m] = m/n exactly; searchsorted compares with
+    # the edges themselves (ceil(conf·n) − 1 misfiles confidences on an edge, 7/25 for one,
+    # where (7/25)·25 rounds above 7)
+    edges = torch.arange(n_bins + 1, dtype=torch.float64, device=conf.device) / n_bins
+    idx = (torch.searchsorted(edges, conf.contiguous(), right=False) - 1).clamp(0, n_bins - 1)
     counts = torch.bincount(idx, minlength=n_bins).double()
     sum_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf)
     sum_acc = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, correct)
     nan = torch.full_like(counts, float("nan"))
-    return {"edges": torch.linspace(0, 1, n_bins + 1).tolist(),
+    return {"edges": edges.tolist(),
             "confidence": torch.where(counts > 0, sum_conf / counts.clamp_min(1), nan).tolist(),
             "accuracy": torch.where(counts > 0, sum_acc / counts.clamp_min(1), nan).tolist(),
             "count": counts.long().tolist()}

@@ -114,10 +114,56 @@ def test_step_hook_updates_on_schedule():
 
 
 def test_finalize_needs_bn_data_for_batchnorm_models():
-    averaged = AveragedModel(mlp(bn=True))
+    """finalize re-estimates BN at the averaged weights: running mean and (unbiased) variance of
+    the pre-BN activations over bn_data, computed here by hand; without BN nothing changes."""
+    ds, model = toy_data(), mlp(bn=True)
+    averaged = AveragedModel(model)
+    for shift in (0.0, 0.3, -0.1):  # three different iterates, so the average is none of them
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(shift)
+        averaged.update_parameters(model)
+    inner = averaged.module
+    with torch.no_grad():  # stale statistics, far from the right ones
+        inner[1].running_mean.fill_(5.0)
+        inner[1].running_var.fill_(9.0)
     with pytest.raises(ValueError, match="bn_data"):
         A.finalize(averaged, None)
-    assert A.finalize(AveragedModel(mlp()), None) is not None
+    out = A.finalize(averaged, ds.x_train)
+    assert out is inner
+    with torch.no_grad():
+        pre = inner[0](ds.x_train)
+    torch.testing.assert_close(out[1].running_mean, pre.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[1].running_var, pre.var(0, unbiased=True), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(vec(out), vec(averaged.module), rtol=0, atol=0)
+    # no BatchNorm: the module itself, weights untouched, no data needed
+    plain = AveragedModel(mlp())
+    before = vec(plain.module)
+    assert A.finalize(plain, None) is plain.module
+    torch.testing.assert_close(vec(plain.module), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("start,every,chosen", [(1, 1, [1, 2, 3, 4, 5, 6, 7, 8, 9]),
+                                                (2, 3, [2, 5, 8]), (3, 2, [3, 5, 7, 9]),
+                                                (4, 4, [4, 8]), (9, 5, [9]), (10, 1, [])])
+def test_epoch_callback_and_step_hook_average_exactly_the_scheduled_epochs(start, every, chosen):
+    """Weights set to the epoch number k at the end of epoch k: the average is the mean of the
+    chosen k and n_averaged their count (start/every pairs where ``epoch % every`` or an
+    off-by-one would pick other epochs)."""
+    model = mlp()
+    for make in (lambda av: A.epoch_callback(av, start=start, every=every),
+                 lambda av: (lambda e, m, h=A.step_hook(av, start_step=start, every=every): h(e, m, None))):
+        averaged = AveragedModel(model)
+        cb = make(averaged)
+        for k in range(1, 10):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float(k))
+            cb(k, model)
+        assert int(averaged.n_averaged) == len(chosen)
+        if chosen:
+            torch.testing.assert_close(vec(averaged.module), torch.full_like(vec(model), float(np.mean(chosen))),
+                                       rtol=0, atol=1e-12)
 
 
 # --- PSWA, DSWA ------------------------------------------------------------------------------
@@ -176,11 +222,45 @@ def test_periodic_swa_backbone_identity_without_restart_effects():
     torch.testing.assert_close(vec(a), vec(b), rtol=0, atol=0)
 
 
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that records the flat parameters after every step and at its creation."""
+
+    def __init__(self, params, **kw):
+        params = list(params)
+        super().__init__(params, **kw)
+        self._ps = params
+        self.created_at = parameters_to_vector(params).detach().clone()
+        self.after_step = []
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.after_step.append(parameters_to_vector(self._ps).detach().clone())
+        return out
+
+
 def test_multi_round_swa_counts_rounds():
+    """Three rounds of two epochs (3 steps each): every round's optimizer is created at the
+    mean of the previous round's two epoch-end iterates (each round restarts from the previous
+    average, with a new average), and the model ends on the last round's average."""
     ds, model = toy_data(), mlp()
-    res = A.multi_round_swa(model, ds, make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05),
-                            rounds=3, epochs_per_round=2, batch_size=32, eval_every=0)
+    made = []
+
+    def make(ps):
+        made.append(_RecordingSGD(ps, lr=0.05))
+        return made[-1]
+
+    res = A.multi_round_swa(model, ds, make_optimizer=make, rounds=3, epochs_per_round=2,
+                            batch_size=32, eval_every=0, generator=torch.Generator().manual_seed(0))
     assert [r["epoch"] for r in res.rounds] == [2, 4, 6]
+    assert len(made) == 4  # the first optimizer and one per restart
+    for r in range(3):
+        ends = made[r].after_step
+        assert len(ends) == 6  # 2 epochs × 3 steps
+        avg = (ends[2] + ends[5]) / 2  # epoch ends of this round
+        torch.testing.assert_close(made[r + 1].created_at, avg, rtol=0, atol=1e-12)
+    last = (made[2].after_step[2] + made[2].after_step[5]) / 2
+    torch.testing.assert_close(vec(model), last, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vec(res.average), last, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="rounds"):
         A.multi_round_swa(model, ds, make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05),
                           rounds=0, epochs_per_round=2)

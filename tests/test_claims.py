@@ -170,3 +170,30 @@ def test_old_claims_files_load_with_gated_from_the_note(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     r = claims.load(tmp_path / "old.json")[0]
     assert r.gated is False and r.values is None and r.reason == ""
+
+
+def test_check_and_check_seeds_at_equality(chapter):
+    """The gating comparisons at their boundary, through check and check_seeds: equality fails
+    a strict comparison and passes a non-strict one; both ends of an interval are inside."""
+    at = {"<": False, "<=": True, ">": False, ">=": True}
+    for op, holds in at.items():
+        assert claims.check(f"eq {op}", 0.25, op, 0.25).holds is holds
+        # zero spread: the bound statistic is the value itself
+        assert claims.check_seeds(f"seeds {op}", [0.25, 0.25, 0.25], op, 0.25,
+                                  statistic="bound").holds is holds
+        assert claims.check_seeds(f"mean {op}", [0.0, 0.5], op, 0.25).holds is holds
+    for v in (0.2, 0.5):
+        assert claims.check(f"in {v}", v, "in", (0.2, 0.5)).holds
+    for v in (0.2 - 1e-12, 0.5 + 1e-12):
+        assert not claims.check(f"out {v}", v, "in", (0.2, 0.5)).holds
+    assert claims.check("degenerate", 0.3, "in", (0.3, 0.3)).holds
+    # fraction at the required share, sign test p-value at alpha (1/32 for 5 of 5)
+    share = claims.check_seeds("share", [0.1, 0.3, 0.2, 0.4], "<", 0.3, statistic="fraction", fraction=0.5)
+    assert share.measured == 0.5 and share.holds
+    p = claims.check_seeds("sign", [1, 2, 3, 4, 5], ">", 0, statistic="sign", alpha=1 / 32)
+    assert p.measured == 1 / 32 and p.holds
+    q = claims.check_seeds("sign2", [1, 2, 3, 4, 0], ">", 0, statistic="sign", alpha=1 / 32)
+    assert q.measured == pytest.approx(6 / 32) and not q.holds
+    # margin is zero at equality, on either side
+    assert claims.check("m", 0.25, "<=", 0.25).margin == 0.0
+    assert claims.check("m2", 0.2, "in", (0.2, 0.5)).margin == 0.0

@@ -174,6 +174,32 @@ def test_hvp_matches_finite_differences_of_gradients(mode):
     assert (hv - fd).norm() <= 1e-6 * hv.norm()
 
 
+@pytest.mark.parametrize("wd", [0.0, 0.3])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_loss_and_gradient_with_and_without_weight_decay(wd, chunk_size):
+    """op.loss and op.gradient at weights other than the model's, against a plain forward pass
+    and ``torch.autograd.grad`` of ``CE + λ/2 ‖θ‖²`` (chunks of 3, 3, 3, 1 points)."""
+    model = tiny_mlp()
+    x, y = tiny_data(n=10)
+    w = P.weights(model)
+    other = P.from_vector(P.to_vector(w) + 0.2 * torch.randn(P.to_vector(w).shape, dtype=torch.float64,
+                                                             generator=torch.Generator().manual_seed(5)), w)
+    op = C.HVPOperator(model, x, y, weight_decay=wd, chunk_size=chunk_size)
+    for point in (None, other):
+        ref_model = tiny_mlp()
+        if point is not None:
+            P.load(ref_model, point)
+        params = list(ref_model.parameters())
+        total = F.cross_entropy(ref_model(x), y) + 0.5 * wd * sum((p ** 2).sum() for p in params)
+        grads = torch.autograd.grad(total, params)
+        assert op.loss(point) == pytest.approx(float(total.detach()), rel=1e-12, abs=1e-14)
+        torch.testing.assert_close(P.to_vector(op.gradient(point)), torch.cat([g.reshape(-1) for g in grads]),
+                                   rtol=1e-10, atol=1e-13)
+    # weight decay 0 is the bare data loss
+    if wd == 0:
+        assert op.loss() == pytest.approx(float(F.cross_entropy(model(x), y).detach()), rel=1e-12)
+
+
 # --- eigenvalues, Lanczos, power iteration ------------------------------------------------
 
 def test_eigsh_extremal_eigenvalues_match_eigh():
@@ -195,22 +221,27 @@ def test_eigsh_extremal_eigenvalues_match_eigh():
 def test_lanczos_ritz_values_match_eigh_extremes():
     model = tiny_mlp()
     x, y = tiny_data(n=12)
-    evals = np.linalg.eigh(dense_hessian(model, x, y).numpy())[0]
+    H = dense_hessian(model, x, y).double()
+    evals = np.linalg.eigh(H.numpy())[0]
     op = C.HVPOperator(model, x, y)
     res = C.lanczos(op, 20, generator=torch.Generator().manual_seed(0), keep_basis=True)
-    assert res.n_hvp == len(res.alpha) == op.calls
+    assert res.n_hvp == len(res.alpha) == op.calls == 20
     np.testing.assert_allclose(res.ritz_values[-1], evals[-1], rtol=1e-8)
     np.testing.assert_allclose(res.ritz_values[0], evals[0], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(res.ritz_weights.sum(), 1.0, rtol=1e-12)
     # full re-orthogonalisation keeps the basis orthonormal
     V = res.basis
     torch.testing.assert_close(V @ V.T, torch.eye(len(V), dtype=torch.float64), atol=1e-10, rtol=0)
-    # the Ritz values interlace: the top one grows with the number of steps
-    tops = [res.ritz_at(j)[-1] for j in range(1, len(res.alpha) + 1)]
-    assert np.all(np.diff(tops) >= -1e-10)
+    # the recurrence's T is the dense Hessian projected on the basis: V H Vᵀ = tridiag(β, α, β)
+    T = np.diag(res.alpha) + np.diag(res.beta, 1) + np.diag(res.beta, -1)
+    np.testing.assert_allclose((V @ H @ V.T).numpy(), T, atol=1e-9)
+    assert np.all(res.beta > 0)
+    # ritz_at(j) is the spectrum of the leading j×j block of that projection (numpy's eigh)
+    for j in (1, 2, 7, 20):
+        np.testing.assert_allclose(res.ritz_at(j), np.linalg.eigvalsh((V[:j] @ H @ V[:j].T).numpy()),
+                                   rtol=1e-9, atol=1e-10)
     # the top Ritz vector is the dense Hessian's top eigenvector (up to sign), of Rayleigh
     # quotient the top Ritz value
-    H = dense_hessian(model, x, y).double()
     u = res.ritz_vector(-1)
     assert float(u.norm()) == pytest.approx(1.0, abs=1e-10)
     assert float(u @ H @ u) == pytest.approx(res.ritz_values[-1], rel=1e-8)
@@ -261,6 +292,44 @@ def test_hutchinson_trace_within_statistical_tolerance():
     # Gaussian vectors: unbiased too (variance 2‖H‖_F²)
     g = C.hutchinson_trace(H, 4000, distribution="gaussian", generator=torch.Generator().manual_seed(1))
     assert abs(g.trace - trace) <= 4 * math.sqrt(2 * float((H ** 2).sum()) / 4000)
+
+
+def test_hutchinson_with_rademacher_probes_is_exact_on_a_diagonal_matrix():
+    """vᵀDv = Σ_i D_ii v_i² = tr D for every ±1 vector: no variance at all (Gaussian probes do
+    vary, with variance 2‖D‖_F² per sample)."""
+    D = torch.diag(torch.tensor([3.0, -1.5, 0.25, 7.0, 2.0], dtype=torch.float64))
+    est = C.hutchinson_trace(D, 17, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(est.samples, np.full(17, 10.75), rtol=0, atol=1e-12)
+    assert est.trace == pytest.approx(10.75, abs=1e-12) and est.stderr == pytest.approx(0.0, abs=1e-12)
+    one = C.hutchinson_trace(D.numpy(), 1)  # one sample: exact, with an infinite standard error
+    assert one.trace == pytest.approx(10.75, abs=1e-12) and one.stderr == math.inf
+    g = C.hutchinson_trace(D, 50, distribution="gaussian", generator=torch.Generator().manual_seed(0))
+    assert g.samples.std() > 1.0
+
+
+def test_slq_default_sigma_and_grid():
+    """With m = n steps Lanczos recovers the whole spectrum of a diagonal matrix, so the default
+    kernel width is 1 % of λ_max − λ_min and the grid spans [λ_min − 5σ, λ_max + 5σ]."""
+    lam = np.array([-2.0, -0.5, 0.0, 1.0, 3.5, 8.0])
+    D = torch.diag(torch.tensor(lam))
+    dens = C.slq_density(D, m=6, n_vec=3, n_grid=101, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(np.sort(dens.nodes[0]), lam, atol=1e-9)
+    assert dens.sigma == pytest.approx(0.01 * 10.0, rel=1e-9)
+    assert len(dens.grid) == 101
+    assert dens.grid[0] == pytest.approx(-2.0 - 0.5, rel=1e-9)
+    assert dens.grid[-1] == pytest.approx(8.0 + 0.5, rel=1e-9)
+    np.testing.assert_allclose(np.diff(dens.grid), 11.0 / 100, rtol=1e-9)
+    # the density is the kernel sum at that σ, written out here
+    w = dens.weights[0]
+    nodes = dens.nodes[0]
+    ref = np.mean([np.sum(dens.weights[i][:, None] * np.exp(-0.5 * ((dens.grid[None] - dens.nodes[i][:, None])
+                                                                  / 0.1) ** 2), 0)
+                   for i in range(3)], 0) / (0.1 * math.sqrt(2 * math.pi))
+    np.testing.assert_allclose(dens.density, ref, rtol=1e-9)
+    assert w.sum() == pytest.approx(1.0) and len(nodes) == 6
+    # a spectrum at a single point: σ is 1 % of |λ|
+    one = C.slq_density(torch.eye(4, dtype=torch.float64) * 2.0, m=3)
+    assert one.sigma == pytest.approx(0.02, rel=1e-9)
 
 
 def test_slq_quadrature_is_exact_for_low_moments():
@@ -558,10 +627,11 @@ def test_hvp_on_a_subset_of_parameters_is_the_hessian_block(mode):
 
 # --- sharpness on an analytic quadratic ------------------------------------------------------
 
-def least_squares_problem(n=64, d=6, seed=0):
+def least_squares_problem(n=64, d=6, seed=0, x_scale=1.0):
     """A linear model at its least-squares optimum: L(θ) − L(θ*) = ½ εᵀHε exactly, H = 2XᵀX/n."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2.0, d).double()
+    x = x * x_scale
     y = torch.randn(n, generator=g, dtype=torch.float64)
     model = nn.Linear(d, 1, bias=False).double()
     with torch.no_grad():
@@ -579,18 +649,29 @@ def test_random_sharpness_of_a_quadratic():
     expected = rho ** 2 * float(torch.trace(H)) / (2 * d)  # E[½ρ² uᵀHu], u uniform on the sphere
     sd = s.samples.std() / math.sqrt(len(s.samples))
     assert abs(s.value - expected) <= 4 * sd
+    # every sample is ½ρ² uᵀHu with ‖u‖ = 1: between ½ρ²λ_min and ½ρ²λ_max
+    lam = torch.linalg.eigvalsh(H)
+    assert np.all(s.samples >= 0.5 * rho ** 2 * float(lam[0]) * (1 - 1e-9))
+    assert np.all(s.samples <= 0.5 * rho ** 2 * float(lam[-1]) * (1 + 1e-9))
     assert s.value > 0 and abs(s.perturbed_loss - s.loss - s.value) < 1e-12
-    # filter-normalised: the weight is a single filter, so ‖u‖ = ‖θ‖ and the rise is ½ρ²uᵀHu
-    f = C.random_sharpness(model, x, y, rho, n_samples=1, loss_fn=loss_fn, filter_normalized=True,
+    # filter-normalised: the weight is a single filter, so u is uniform on the sphere of radius
+    # ‖θ‖ and the mean rise is ρ²‖θ‖² tr(H)/(2d). Inputs scaled by 0.3 put ‖θ*‖ near 3, far
+    # from the unit sphere.
+    model, x, y, loss_fn, H = least_squares_problem(x_scale=0.3)
+    theta2 = P.norm(P.weights(model)) ** 2
+    assert theta2 > 4
+    lam = torch.linalg.eigvalsh(H)
+    f = C.random_sharpness(model, x, y, rho, n_samples=2000, loss_fn=loss_fn, filter_normalized=True,
                            generator=torch.Generator().manual_seed(3))
-    from landscape_lib import directions
-    u = P.to_vector(directions.random(P.weights(model), norm="filter",
-                                      generator=torch.Generator().manual_seed(3)))
-    np.testing.assert_allclose(f.value, 0.5 * rho ** 2 * float(u @ H @ u), rtol=1e-8)
-    np.testing.assert_allclose(float(u.norm()), P.norm(P.weights(model)), rtol=1e-8)
+    expected = rho ** 2 * theta2 * float(torch.trace(H)) / (2 * d)
+    assert abs(f.value - expected) <= 4 * f.samples.std() / math.sqrt(len(f.samples))
+    assert np.all(f.samples >= 0.5 * rho ** 2 * theta2 * float(lam[0]) * (1 - 1e-9))
+    assert np.all(f.samples <= 0.5 * rho ** 2 * theta2 * float(lam[-1]) * (1 + 1e-9))
 
 
 def test_worst_case_sharpness_of_a_quadratic():
+    """At the optimum of a quadratic, max_{‖ε‖≤ρ} ½εᵀHε = ½ρ²λ_max (eigh), reached on the
+    sphere along the top eigenvector; the ascent stays inside the ball at every step."""
     model, x, y, loss_fn, H = least_squares_problem()
     rho = 0.5
     lam_max = float(torch.linalg.eigvalsh(H)[-1])
@@ -599,10 +680,27 @@ def test_worst_case_sharpness_of_a_quadratic():
                                generator=torch.Generator().manual_seed(0))
     assert s.value <= best * (1 + 1e-9)
     assert s.value >= best * (1 - 1e-3)
-    assert np.all(np.diff(np.maximum.accumulate(s.samples)) >= 0)
+    assert len(s.samples) == 101  # the start and every step
+    assert np.all(s.samples <= best * (1 + 1e-9))  # every iterate inside the ball
+    assert s.value == pytest.approx(float(np.max(s.samples)), abs=1e-15)
+    assert s.perturbed_loss - s.loss == pytest.approx(s.value, abs=1e-15)
     avg = C.random_sharpness(model, x, y, rho, n_samples=50, loss_fn=loss_fn,
                              generator=torch.Generator().manual_seed(1))
     assert s.value > avg.value
+
+
+def test_worst_case_sharpness_returns_the_best_point_seen():
+    """L(θ) = sin(5θ) in one dimension from θ = 0, ρ = 0.6, step 0.5: ε alternates 0.6 → 0.3 → 0.6
+    (the gradient changes sign across the peak at π/10 and the projection clips at ρ), so the
+    history is sin 3, sin 1.5, sin 3 and the value is the middle one, not the last."""
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    loss_fn = lambda out, t: torch.sin(5 * out).mean()  # noqa: E731
+    s = C.worst_case_sharpness(model, x, y, 0.6, steps=2, step_size=0.5, loss_fn=loss_fn)
+    np.testing.assert_allclose(s.samples, [math.sin(3.0), math.sin(1.5), math.sin(3.0)], rtol=1e-12)
+    assert s.value == pytest.approx(math.sin(1.5), rel=1e-12)
 
 
 def test_slice_sharpness_of_a_parabola():
@@ -643,20 +741,35 @@ def test_slice_sharpness_relates_to_random_and_worst_case_sharpness():
 
 
 def test_worst_case_sharpness_first_step_is_sam():
-    """Away from the optimum, steps=0 evaluates L(θ + ρ g/‖g‖) − L(θ)."""
+    """Away from the optimum, steps=0 evaluates L(θ + ρ g/‖g‖) − L(θ); one more step moves to
+    Π_ρ(ε₀ + s·ρ·g₁/‖g₁‖), g₁ = ∇L(θ + ε₀), projected back on the ball (plain autograd here)."""
     model = tiny_mlp()
     x, y = tiny_data()
-    rho = 0.05
+    rho, step = 0.05, 0.5
     s = C.worst_case_sharpness(model, x, y, rho, steps=0)
-    g = autograd_gradient(model, x, y)
     w = P.weights(model)
+    flat = P.to_vector(w)
     moved = tiny_mlp()
-    P.load(moved, P.from_vector(P.to_vector(w) + rho * g / g.norm(), w))
-    with torch.no_grad():
-        expected = float(F.cross_entropy(moved(x), y) - F.cross_entropy(model(x), y))
-    np.testing.assert_allclose(s.value, expected, rtol=1e-9)
-    more = C.worst_case_sharpness(model, x, y, rho, steps=5)
-    assert more.value >= s.value
+
+    def loss_at(eps):
+        P.load(moved, P.from_vector(flat + eps, w))
+        with torch.no_grad():
+            return float(F.cross_entropy(moved(x), y))
+
+    base = loss_at(torch.zeros_like(flat))
+    g = autograd_gradient(model, x, y)
+    eps0 = rho * g / g.norm()
+    np.testing.assert_allclose(s.value, loss_at(eps0) - base, rtol=1e-9)
+    np.testing.assert_allclose(s.samples, [loss_at(eps0) - base], rtol=1e-9)
+    # one ascent step, by hand
+    P.load(moved, P.from_vector(flat + eps0, w))
+    g1 = autograd_gradient(moved, x, y)
+    eps1 = eps0 + step * rho * g1 / g1.norm()
+    eps1 = eps1 * min(1.0, rho / float(eps1.norm()))
+    one = C.worst_case_sharpness(model, x, y, rho, steps=1, step_size=step)
+    np.testing.assert_allclose(one.samples, [loss_at(eps0) - base, loss_at(eps1) - base], rtol=1e-9)
+    np.testing.assert_allclose(one.value, max(loss_at(eps0), loss_at(eps1)) - base, rtol=1e-9)
+    assert float(eps1.norm()) == pytest.approx(rho, rel=1e-12)  # the step left the ball: projected
 
 
 # --- critical learning rate -------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 References: exact endpoint weights and outputs; hand-computed Bernstein and hat coefficients;
 the analytic optimum of the uniform-in-t objective on a quadratic bowl; BatchNorm statistics
-recomputed independently with ``params.recompute_bn`` on the endpoint models.
+recomputed independently with torch's ``swa_utils.update_bn`` at hand-built points of the curve.
 """
 import copy
 import math
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from landscape_lib import curves, data, models, params as P, train
 
@@ -232,6 +233,11 @@ def test_trains_a_bezier_curve_for_an_mlp():
     assert np.allclose(after.train_nll[[0, -1]], before.train_nll[[0, -1]])
 
 
+def _hand_bezier(wa, bend, wb, t):
+    """(1−t)² ŵ₁ + 2t(1−t) θ + t² ŵ₂, written out."""
+    return {k: (1 - t) ** 2 * wa[k] + 2 * t * (1 - t) * bend[k] + t ** 2 * wb[k] for k in wa}
+
+
 def test_trains_a_bezier_curve_for_a_cifar_resnet_with_batchnorm():
     torch.manual_seed(0)
     x = torch.randn(48, 3, 32, 32)
@@ -241,26 +247,61 @@ def test_trains_a_bezier_curve_for_a_cifar_resnet_with_batchnorm():
     ts = np.array([0.0, 0.5, 1.0])
     curve, before, after = _fit_and_compare(ra, rb, ds, ts, epochs=4, lr=0.1)
     assert after.train_nll[1] < before.train_nll[1]
-    # BN recomputed per t: at t = 0 the evaluator agrees with the endpoint network whose
-    # statistics were re-estimated independently on the same inputs.
-    for t_index, net in ((0, ra), (-1, rb)):
-        ref = copy.deepcopy(net)
-        P.recompute_bn(ref, ds.x_train)
-        ev = train.evaluate(ref, ds.x_train, ds.y_train)
-        assert after.train_nll[t_index] == pytest.approx(ev["loss"], rel=1e-4)
-        assert after.train_acc[t_index] == pytest.approx(ev["acc"])
+    # BN recomputed per t: at every t the evaluator agrees with a copy of the network at the
+    # hand-built point φ(t) whose statistics torch's update_bn re-estimated on the same inputs
+    wa, wb, bend = P.weights(ra), P.weights(rb), curve.bend_points()[0]
+    for i, t in enumerate(ts):
+        ref = copy.deepcopy(ra)
+        ref.load_state_dict(_hand_bezier(wa, bend, wb, float(t)), strict=False)
+        update_bn([(ds.x_train,)], ref)
+        ref.eval()
+        with torch.no_grad():
+            out = ref(ds.x_train)
+        assert after.train_nll[i] == pytest.approx(F.cross_entropy(out, ds.y_train).item(), rel=1e-4)
+        assert after.train_acc[i] == pytest.approx((out.argmax(1) == ds.y_train).float().mean().item())
 
 
 def test_evaluate_measures_length_and_norms():
+    """A bent one-bend Bezier curve evaluated at unequally spaced t: segment lengths, squared
+    norms and losses against hand-built points φ(t); summary and the training loss on a
+    hand-worked example where the uniform and the arc-length averages differ."""
     ma, _, wa, wb = _pair()
-    line = curves.Curve(ma, [wa, wb], n_bends=0)
+    curve = curves.Curve(ma, [wa, wb], n_bends=1)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in curve.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    bend = curve.bend_points()[0]
     x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
-    st = curves.evaluate(line, np.linspace(0, 1, 5), x, y, x, y)
-    assert st.length == pytest.approx(P.norm(P.sub(wb, wa)), rel=1e-5)
-    assert st.sq_norm[0] == pytest.approx(P.norm(wa) ** 2, rel=1e-5)
-    s = st.summary(st.test_err)
-    assert set(s) == {"start", "end", "min", "max", "avg", "int"}
-    assert np.allclose(st.train_loss(0.1), st.train_nll + 0.05 * st.sq_norm)
+    ts = [0.0, 0.25, 0.5, 1.0]
+    st = curves.evaluate(curve, ts, x, y, x, y)
+    pts = [torch.cat([v.reshape(-1) for v in _hand_bezier(wa, bend, wb, t).values()]).double() for t in ts]
+    dl = [0.0] + [float((pts[i] - pts[i - 1]).norm()) for i in range(1, 4)]
+    np.testing.assert_allclose(st.dl, dl, rtol=1e-5)
+    assert st.length == pytest.approx(sum(dl), rel=1e-5)
+    assert st.length > float((pts[-1] - pts[0]).norm()) * 1.01  # bent: longer than the chord
+    np.testing.assert_allclose(st.sq_norm, [float(p @ p) for p in pts], rtol=1e-5)
+    for i, t in enumerate(ts):
+        m = copy.deepcopy(ma)
+        m.load_state_dict(_hand_bezier(wa, bend, wb, t), strict=False)
+        with torch.no_grad():
+            out = m.eval()(x)
+        assert st.train_nll[i] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-5)
+        assert st.test_err[i] == pytest.approx(1 - (out.argmax(1) == y).float().mean().item())
+    np.testing.assert_allclose(st.train_loss(0.1), st.train_nll + 0.05 * np.array([float(p @ p) for p in pts]),
+                               rtol=1e-5)
+    # summary on hand numbers: values 1, 4, 2 with segment lengths 1 and 3:
+    # int = (½(1+4)·1 + ½(4+2)·3)/4 = 11.5/4, avg = 7/3 (the median would be 2)
+    hand = curves.CurveStats(ts=np.array([0.0, 0.5, 1.0]), dl=np.array([0.0, 1.0, 3.0]),
+                             sq_norm=np.array([4.0, 1.0, 9.0]), train_nll=np.array([1.0, 4.0, 2.0]),
+                             train_acc=np.array([0.5, 0.25, 1.0]), test_nll=np.zeros(3),
+                             test_acc=np.array([0.9, 0.6, 0.8]))
+    assert hand.summary(hand.train_nll) == pytest.approx(
+        {"start": 1.0, "end": 2.0, "min": 1.0, "max": 4.0, "avg": 7 / 3, "int": 2.875})
+    assert hand.summary(hand.test_err)["int"] == pytest.approx((0.5 * 0.5 * 1 + 0.5 * 0.6 * 3) / 4)
+    assert hand.length == 4.0
+    np.testing.assert_allclose(hand.train_loss(0.2), [1.4, 4.1, 2.9])
+    np.testing.assert_allclose(hand.train_err, [0.5, 0.75, 0.0])
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -92,3 +92,58 @@ def test_pca_recovers_a_planar_trajectory():
         assert torch.allclose(proj, vec, atol=1e-3)
     with pytest.raises(ValueError, match="at least two points"):
         directions.pca(traj[:1])
+
+
+# --- exact hand cases --------------------------------------------------------------------------
+
+HAND_W = {"w": torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]], dtype=torch.float64),
+          "b": torch.tensor([12.0, 0.0], dtype=torch.float64)}  # ‖θ‖ = 13, filter norms 3 and 4
+HAND_D = {"w": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
+
+
+def _ones(*shape):
+    return torch.ones(*shape, dtype=torch.float64)
+
+
+def _t(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("norm,ignore,w_out,b_out", [
+    # global: one scalar ‖θ‖/‖d‖ for the whole direction, biases included unless ignored
+    ("global", False, 13 / 8 ** 0.5 * _ones(2, 3), 13 / 8 ** 0.5 * _ones(2)),
+    ("global", True, 13 / 6 ** 0.5 * _ones(2, 3), _t([0.0, 0.0])),
+    # filter: each row gets its filter's norm; biases zero or a copy of θ's
+    ("filter", True, _t([[3.0] * 3, [4.0] * 3]) / 3 ** 0.5, _t([0.0, 0.0])),
+    ("filter", False, _t([[3.0] * 3, [4.0] * 3]) / 3 ** 0.5, _t([12.0, 0.0])),
+    ("layer", True, 5 / 6 ** 0.5 * _ones(2, 3), _t([0.0, 0.0])),
+    ("layer", False, 5 / 6 ** 0.5 * _ones(2, 3), _t([12.0, 0.0])),
+    ("none", True, _ones(2, 3), _t([0.0, 0.0])),
+])
+def test_normalize_on_a_hand_example(norm, ignore, w_out, b_out):
+    out = directions.normalize(HAND_D, HAND_W, norm=norm, ignore_biasbn=ignore)
+    torch.testing.assert_close(out["w"], w_out, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out["b"], b_out, rtol=1e-9, atol=1e-12)
+    assert torch.equal(HAND_D["w"], torch.ones(2, 3, dtype=torch.float64))  # input left alone
+
+
+def test_pca_of_a_trajectory_whose_mean_is_off_the_centre():
+    """Points c + t_k e0 + s_k e1 around centre 0 with a large offset c = 10 e2 and a mean
+    of t of 1: the principal directions are those of the centred rows (e0, then e1; variances
+    40 and 10 → explained 0.8 and 0.2), not the offset; the coordinates are (θ_k − centre)·d_i,
+    not centred (the first is t_k, with its mean 1)."""
+    t = torch.tensor([-3.0, -1.0, 1.0, 3.0, 5.0])
+    s = torch.tensor([1.0, -2.0, 0.0, 2.0, -1.0])
+    e = torch.eye(4)
+    traj = [{"w": 10 * e[2] + t[k] * e[0] + s[k] * e[1]} for k in range(5)]
+    res = directions.pca(traj, center={"w": torch.zeros(4)}, k=2)
+    d0, d1 = res.directions[0]["w"], res.directions[1]["w"]
+    assert abs(float(d0 @ e[0])) == pytest.approx(1.0, abs=1e-6)
+    assert abs(float(d1 @ e[1])) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(res.explained, torch.tensor([0.8, 0.2]), rtol=1e-6, atol=1e-6)
+    signs = torch.tensor([float(d0 @ e[0]), float(d1 @ e[1])]).sign()
+    torch.testing.assert_close(res.coords * signs, torch.stack([t, s], 1), rtol=1e-5, atol=1e-5)
+    # the default centre is the last point
+    last = directions.pca(traj, k=1)
+    assert abs(float(last.directions[0]["w"] @ e[0])) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(last.coords[:, 0].abs(), (t - 5).abs(), rtol=1e-5, atol=1e-5)

@@ -58,6 +58,18 @@ def test_brier_hand_and_sklearn():
     assert E.brier(p, y) == pytest.approx(ref, rel=1e-10)
 
 
+# Unequal bin counts 1, 2, 4, where the count-weighted ECE and the plain mean over bins differ.
+UNEQUAL_PROBS = torch.tensor([[0.30, 0.25, 0.25, 0.20],   # conf .30, correct -> bin 0
+                              [0.50, 0.20, 0.20, 0.10],   # conf .50, correct -> bin 1
+                              [0.10, 0.60, 0.20, 0.10],   # conf .60, wrong   -> bin 1
+                              [0.90, 0.05, 0.03, 0.02],   # conf .90, correct -> bin 2
+                              [0.05, 0.05, 0.10, 0.80],   # conf .80, correct -> bin 2
+                              [0.70, 0.10, 0.10, 0.10],   # conf .70, wrong   -> bin 2
+                              [0.05, 0.75, 0.10, 0.10]],  # conf .75, wrong   -> bin 2
+                             dtype=torch.float64)
+UNEQUAL_Y = torch.tensor([0, 0, 2, 0, 3, 1, 0])
+
+
 def test_reliability_and_ece_hand_example():
     r = E.reliability(HAND_PROBS, HAND_Y, n_bins=3)
     assert r["count"] == [2, 2, 2]
@@ -66,6 +78,36 @@ def test_reliability_and_ece_hand_example():
     assert r["edges"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
     # ECE = Σ |B|/N · |acc − conf| = (2·0.2 + 2·0.05 + 2·0.15)/6
     assert E.ece(HAND_PROBS, HAND_Y, n_bins=3) == pytest.approx(0.8 / 6)
+    # unequal counts: bins hold 1, 2, 4 points with gaps |1 − .3|, |.5 − .55|, |.5 − .7875|, so
+    # ECE = (1·0.7 + 2·0.05 + 4·0.2875)/7 = 1.95/7 (the unweighted mean of the gaps is 0.3458)
+    r = E.reliability(UNEQUAL_PROBS, UNEQUAL_Y, n_bins=3)
+    assert r["count"] == [1, 2, 4]
+    assert r["confidence"] == pytest.approx([0.30, 0.55, 0.7875])
+    assert r["accuracy"] == pytest.approx([1.0, 0.5, 0.5])
+    assert E.ece(UNEQUAL_PROBS, UNEQUAL_Y, n_bins=3) == pytest.approx(1.95 / 7, abs=1e-12)
+    assert E.ece_from_bins(r) == pytest.approx(1.95 / 7, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_bins", [3, 10, 15, 25, 50, 100])
+def test_reliability_puts_a_confidence_on_a_bin_edge_in_the_lower_bin(n_bins):
+    """Bins are (m/n, (m+1)/n]: a confidence exactly m/n belongs to bin m − 1 for every m
+    (with n = 25, (7/25)·25 rounds to 7.000000000000001, so ceil(c·n) − 1 would misfile it), 1.0
+    to the last bin; the edges are the exact m/n."""
+    ms = [m for m in range(1, n_bins + 1) if m / n_bins >= 0.25]
+    conf = torch.tensor([m / n_bins for m in ms], dtype=torch.float64)
+    probs = torch.stack([conf] + [(1 - conf) / 3] * 3, 1)
+    r = E.reliability(probs, torch.zeros(len(ms), dtype=torch.long), n_bins=n_bins)
+    assert r["edges"] == [m / n_bins for m in range(n_bins + 1)]
+    for m in ms:
+        assert r["count"][m - 1] == 1, m
+        assert r["confidence"][m - 1] == m / n_bins
+        assert r["edges"][m - 1] < m / n_bins <= r["edges"][m]
+    assert sum(r["count"]) == len(ms)
+    # a confidence just above an edge goes up one bin
+    up = torch.tensor([[0.5 + 1e-12, 0.5 - 1e-12]], dtype=torch.float64)
+    assert E.reliability(up, torch.zeros(1, dtype=torch.long), n_bins=2)["count"] == [0, 1]
+    exact = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    assert E.reliability(exact, torch.zeros(1, dtype=torch.long), n_bins=2)["count"] == [1, 0]
 
 
 def test_reliability_empty_bins_and_ece_against_a_loop():

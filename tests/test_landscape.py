@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from landscape_lib import directions, landscape, models, params
 
@@ -24,11 +25,13 @@ def problem():
     return net, w, directions.random(w, generator=g), directions.random(w, generator=g), x, y
 
 
-def _manual(net, point, x, y, recompute=False):
+def _manual(net, point, x, y, bn_data=None):
+    """Loss and accuracy at ``point`` with ``load_state_dict``; with ``bn_data``, BatchNorm
+    statistics re-estimated by torch's own ``swa_utils.update_bn`` (not the library's)."""
     m = copy.deepcopy(net)
-    params.load(m, point)
-    if recompute:
-        params.recompute_bn(m, x)
+    m.load_state_dict(point, strict=False)
+    if bn_data is not None:
+        update_bn([(bn_data,)], m)
     m.eval()
     with torch.no_grad():
         out = m(x)
@@ -43,7 +46,7 @@ def test_plane_equals_a_per_point_reference(problem, strategy):
     assert s.loss.shape == (3, 5)
     for j, bb in enumerate(b):
         for i, aa in enumerate(a):
-            loss, acc = _manual(net, params.combine(w, [d1, d2], [aa, bb]), x, y)
+            loss, acc = _manual(net, {k: w[k] + aa * d1[k] + bb * d2[k] for k in w}, x, y)
             assert s.loss[j, i] == pytest.approx(loss, rel=1e-5)
             assert s.acc[j, i] == pytest.approx(acc)
 
@@ -51,11 +54,15 @@ def test_plane_equals_a_per_point_reference(problem, strategy):
 def test_recompute_mode_re_estimates_bn_at_every_point(problem):
     net, w, d1, _, x, y = problem
     alphas = [-1.0, 0.0, 0.7]
-    ln = landscape.line(net, w, d1, alphas, x, y, bn="recompute", bn_data=x)
+    bn_x = x[:20]  # statistics from other inputs than the evaluation batch
+    ln = landscape.line(net, w, d1, alphas, x, y, bn="recompute", bn_data=bn_x)
     kept = landscape.line(net, w, d1, alphas, x, y, bn="keep")
     for i, a in enumerate(alphas):
-        loss, _ = _manual(net, params.combine(w, [d1], [a]), x, y, recompute=True)
+        point = {k: w[k] + a * d1[k] for k in w}
+        loss, acc = _manual(net, point, x, y, bn_data=bn_x)
         assert ln.loss[i] == pytest.approx(loss, rel=1e-5)
+        assert ln.acc[i] == pytest.approx(acc)
+        assert kept.loss[i] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-5)
     assert not np.allclose(ln.loss, kept.loss)
     # the model's own statistics are untouched
     assert torch.allclose(params.forward(net, w, x), net(x))
@@ -102,6 +109,28 @@ def test_shape_metrics_on_hand_cases():
         landscape.barrier(np.linspace(0.1, 1, 4), np.ones(4))
 
 
+def test_barrier_ignores_alphas_outside_the_unit_interval():
+    """Points beyond the endpoints (α < 0 or α > 1, as on an extended line) are not part of the
+    path between the two solutions: a high loss there is no barrier. Unsorted alphas, unequal
+    endpoint losses: chord 1 + 2α, so the bumps at 0.25 and 0.5 are 1.0 and 2.0."""
+    alphas = [-0.5, 1.0, 0.25, 1.5, 0.0, 0.5, -1e-3]
+    values = [50.0, 3.0, 2.5, 40.0, 1.0, 4.0, 30.0]
+    assert landscape.barrier(alphas, values) == pytest.approx(2.0, abs=1e-12)
+    # everything inside below the chord: the barrier is 0 (the endpoints themselves)
+    assert landscape.barrier([-1.0, 0.0, 0.5, 1.0, 2.0], [9.0, 1.0, 0.5, 1.0, 9.0]) == pytest.approx(0.0)
+
+
+def test_grid_values():
+    np.testing.assert_array_equal(landscape.grid(2.0, 5), [-2.0, -1.0, 0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(landscape.grid(0.5, 2), [-0.5, 0.5])
+    g = landscape.grid(1.5, 4)
+    assert g.shape == (4,) and g[0] == -1.5 and g[-1] == 1.5 and 0.0 not in g
+    np.testing.assert_allclose(np.diff(g), 1.0, rtol=1e-12)
+    g = landscape.grid(3.0, 41)
+    assert g[20] == 0.0 and np.allclose(g, -g[::-1], rtol=0, atol=1e-15)  # symmetric, 0 in the middle
+    np.testing.assert_allclose(np.diff(g), 0.15, rtol=1e-12)
+
+
 def test_nonconvex_fraction_on_analytic_surfaces():
     axis = np.linspace(-1, 1, 11)
     aa, bb = np.meshgrid(axis, axis)
@@ -113,6 +142,22 @@ def test_nonconvex_fraction_on_analytic_surfaces():
     # cos(6a)+cos(6b) is convex only where both cosines are negative (|6a|, |6b| in (π/2, 3π/2))
     exact = np.mean((np.cos(6 * aa[1:-1, 1:-1]) > 0) | (np.cos(6 * bb[1:-1, 1:-1]) > 0))
     assert landscape.nonconvex_fraction(egg) == pytest.approx(exact, abs=0.1)
+
+
+@pytest.mark.parametrize("c,rel,expected", [(0.0, 0.05, 0.0), (3.0, 0.05, 0.0), (4.5, 0.05, 0.0),
+                                            (4.5, 0.0, 1.0), (4.8, 0.05, 1.0), (5.0, 0.05, 1.0),
+                                            (-5.0, 0.05, 1.0)])
+def test_nonconvex_fraction_with_a_mixed_derivative(c, rel, expected):
+    """f = α² + 4β² + c·αβ on a grid with different spacings in α (0.2) and β (2/3): Hessian
+    [[2, c], [c, 8]], eigenvalues 5 ± √(9 + c²) (central differences are exact on a quadratic).
+    c = 3: λ_min ≈ 0.76 > 0; c = 4.5: λ_min ≈ −0.41, inside the tolerance 0.05·λ_max ≈ 0.52
+    (counted non-convex only with rel = 0); c = 4.8: λ_min ≈ −0.66 < −0.53."""
+    alphas, betas = np.linspace(-1, 1, 11), np.linspace(-2, 2, 7)
+    aa, bb = np.meshgrid(alphas, betas)
+    surf = landscape.Surface(alphas, betas, aa ** 2 + 4 * bb ** 2 + c * aa * bb, np.zeros_like(aa))
+    lam_min, lam_max = 5 - np.sqrt(9 + c * c), 5 + np.sqrt(9 + c * c)
+    assert (lam_min < -rel * abs(lam_max)) == bool(expected)  # the hand classification
+    assert landscape.nonconvex_fraction(surf, rel=rel) == expected
 
 
 class _Branchy(torch.nn.Module):
@@ -168,7 +213,7 @@ def test_vmap_falls_back_to_the_loop_with_a_warning(cls, reason):
     assert rec[0].filename == __file__  # the warning points at the caller, not the library
     for j, bb in enumerate(b):
         for i, aa in enumerate(a):
-            loss, acc = _manual(net, params.combine(w, [d1, d2], [aa, bb]), x, y)
+            loss, acc = _manual(net, {k: w[k] + aa * d1[k] + bb * d2[k] for k in w}, x, y)
             assert s.loss[j, i] == pytest.approx(loss, rel=1e-6)
             assert s.acc[j, i] == pytest.approx(acc)
 
@@ -183,16 +228,30 @@ def test_vmap_does_not_hide_other_errors(problem):
 
 
 def test_benchmark_plane_matches_the_plain_loop():
-    """The benchmark's two methods compute the same plane (its timings are in benchmarks/plane.py,
-    not asserted in a unit test: a shared machine makes them noisy)."""
-    spec = importlib.util.spec_from_file_location("bench", str(__import__("pathlib").Path(__file__).parent.parent
-                                                                / "benchmarks" / "plane.py"))
+    """The benchmark's methods compute the same plane as a point-by-point reference written here
+    (hand-built axis and Gaussian directions, not ``grid``/``directions.random``; its timings are
+    in benchmarks/plane.py, not asserted in a unit test)."""
+    spec = importlib.util.spec_from_file_location("bench", str(ROOT / "benchmarks" / "plane.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    prob = bench.problem("cpu")
-    ref = bench.run("loop", *prob)
-    lib = bench.run("library", *prob)
-    assert np.max(np.abs(lib - ref) / np.abs(ref)) < 1e-4
+    net, center, _, _, _, x, y = bench.problem("cpu", n=3)
+    x, y = x[:200], y[:200]
+    g = torch.Generator().manual_seed(11)
+    d1 = {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in center.items()}
+    d2 = {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in center.items()}
+    axis = np.array([-1.0, -0.4, 0.0, 0.3, 1.0])
+    ref = np.empty((5, 5))
+    for j, b in enumerate(axis):  # rows: β (d2), columns: α (d1)
+        for i, a in enumerate(axis):
+            m = copy.deepcopy(net)
+            with torch.no_grad():
+                for k, p in m.named_parameters():
+                    p.copy_(center[k] + float(a) * d1[k] + float(b) * d2[k])
+                ref[j, i] = F.cross_entropy(m(x), y).item()
+    assert np.ptp(ref) > 0.1 and not np.allclose(ref, ref.T, rtol=1e-3)  # a transposition shows
+    for mode in ("loop", "library", "vmap"):
+        out = bench.run(mode, net, center, d1, d2, axis, x, y)
+        np.testing.assert_allclose(out, ref, rtol=1e-4)
 
 
 @pytest.mark.slow

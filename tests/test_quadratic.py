@@ -110,3 +110,32 @@ def test_bad_input_is_rejected():
         Q.Quadratic(np.array([-1.0]), np.array([0.0]))
     with pytest.raises(ValueError, match="lr·λ"):
         Q.stationary_variance(1.5, 2.0)
+
+
+@pytest.mark.parametrize("average_from,every,w_bar", [
+    (2, 1, (0.75 + 0.875 + 0.9375) / 3),  # iterates 2, 3, 4
+    (1, 2, (0.5 + 0.875) / 2),            # iterates 1, 3
+    (None, 1, (0.875 + 0.9375) / 2),      # default: the second half, steps 3 and 4
+    (4, 3, 0.9375),                       # only the last
+])
+def test_a_short_noise_free_run_has_the_hand_averaged_iterate(average_from, every, w_bar):
+    """λ = 2, w* = 1, w0 = 0, η = 0.25, σ² = 0: w_t = 0.5 w_{t−1} + 0.5, i.e. 0.5, 0.75, 0.875,
+    0.9375; E L = ½λ(w̄ − 1)² exactly, from both the closed form and the simulation."""
+    q = Q.Quadratic(np.array([2.0]), np.array([1.0]))
+    kw = dict(lr=0.25, steps=4, sigma2=0.0, average_from=average_from, average_every=every)
+    exp = Q.expected_losses(q, **kw)
+    sim = Q.simulate(q, runs=2, **kw)
+    assert exp.averaged == pytest.approx((w_bar - 1) ** 2, rel=1e-12)
+    assert sim.averaged == pytest.approx((w_bar - 1) ** 2, rel=1e-12)
+    assert exp.final == pytest.approx(0.0625 ** 2, rel=1e-12) and sim.final == pytest.approx(0.0625 ** 2)
+
+
+def test_two_noisy_steps_have_the_hand_variance():
+    """One direction, λ = 2, η = 0.25, weight decay γ = 1: a = 1 − ηγ − ηλ = 0.25, c = 0.5.
+    With w* = 0 and noise s² = σ²/B = 4: Var w1 = c²s² = 1, Var w2 = a²·1 + 1 = 1.0625,
+    Cov(w1, w2) = a·1 = 0.25, so Var((w1 + w2)/2) = (1 + 1.0625 + 0.5)/4 and E L = ½λ·Var."""
+    q = Q.Quadratic(np.array([2.0]), np.array([0.0]))
+    exp = Q.expected_losses(q, lr=0.25, steps=2, batch_size=1, sigma2=4.0, weight_decay=1.0,
+                            average_from=1)
+    assert exp.averaged == pytest.approx(2.5625 / 4, rel=1e-12)
+    assert exp.final == pytest.approx(1.0625, rel=1e-12)

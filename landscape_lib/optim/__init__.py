@@ -12,6 +12,8 @@ They train through ``train.fit`` like any PyTorch optimizer (closure-based ones 
 default closure step).
 """
 from .padam import Padam
+from .entropy_sgd import EntropySGD
 from .sam import SAM, norm_parameters, sam_param_counts
+from .sgld import SGLD, sgld_step_
 
-__all__ = ["Padam", "SAM", "norm_parameters", "sam_param_counts"]
+__all__ = ["EntropySGD", "Padam", "SAM", "SGLD", "norm_parameters", "sam_param_counts", "sgld_step_"]

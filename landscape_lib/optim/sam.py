@@ -196,8 +196,8 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def first_step(self) -> None:
         """Move to ``w + ε`` (ε from the gradients in ``.grad``); remember ε."""
-        # ‖T g‖ over the perturbed coordinates only (one norm for all groups, as in SAM)
-        sq, items, i = [], [], -1
+        # per perturbed tensor: T·g (masked), and T (None without ASAM); p: one ball for all groups
+        params, tgs, scales, rhos, balls, masks, i = [], [], [], [], [], [], -1
         for group in self.param_groups:
             for q in group["params"]:
                 i += 1
@@ -208,33 +208,37 @@ class SAM(torch.optim.Optimizer):
                 tg = q.grad if t is None else q.grad * t
                 if m is not True:
                     tg = tg * m
-                items.append((q, group, t, tg, m))
-                if group["p"] == 2:
-                    sq.append(tg.pow(2).sum())
-        norm = torch.sqrt(torch.stack(sq).sum()) if sq else None
-        for q, group, t, tg, m in items:
-            if group["p"] == 2:
-                # ε = ρ T² g / ‖T g‖  (T = 1 without ASAM)
-                e = tg if t is None else tg * t
-                e = e * (group["rho"] / (norm + 1e-12))
+                params.append(q), tgs.append(tg), scales.append(t), rhos.append(group["rho"])
+                balls.append(group["p"]), masks.append(m)
+        if not params:
+            self._perturbation = ([], [])
+            return
+        if all(b == 2 for b in balls):
+            # ε = ρ T² g / ‖T g‖₂, the norm over the perturbed coordinates only (T = 1 without ASAM)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tgs)))
+            eps = [tg if t is None else tg * t for tg, t in zip(tgs, scales)]
+            if len(set(rhos)) == 1:
+                eps = torch._foreach_mul(eps, rhos[0] / (norm + 1e-12))
             else:
-                # ℓ∞ ball: ε = ρ T sign(g)
-                e = torch.sign(tg) * group["rho"]
+                eps = [e * (r / (norm + 1e-12)) for e, r in zip(eps, rhos)]
+        else:
+            # ℓ∞ ball: ε = ρ T sign(g)
+            eps = []
+            for tg, t, r, m in zip(tgs, scales, rhos, masks):
+                e = torch.sign(tg) * r
                 if t is not None:
                     e = e * t
-                if m is not True:
-                    e = e * m
-            q.add_(e)
-            self.state[q]["e_w"] = e
+                eps.append(e if m is True else e * m)
+        torch._foreach_add_(params, eps)
+        self._perturbation = (params, eps)
 
     @torch.no_grad()
     def second_step(self) -> None:
         """Go back to ``w`` and take the base optimizer's step with the gradients at ``w + ε``."""
-        for group in self.param_groups:
-            for q in group["params"]:
-                e = self.state[q].pop("e_w", None)
-                if e is not None:
-                    q.sub_(e)
+        params, eps = getattr(self, "_perturbation", ([], []))
+        if params:
+            torch._foreach_sub_(params, eps)
+        self._perturbation = ([], [])
         self.base_optimizer.step()
 
     def _bn_modules(self) -> list[nn.Module]:

@@ -144,14 +144,21 @@ class EntropySGD(torch.optim.Optimizer):
                 loss = out
             for group, gamma, xs, mus in zip(self.param_groups, gammas, anchors, means):
                 a = group["alpha"]
-                for p, x, mu in zip(group["params"], xs, mus):
-                    if p.grad is None:
-                        continue
-                    # dx' = ∇f(x') + λx' + γ(x' − x)
-                    d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
-                    d.add_(p - x, alpha=gamma)
-                    sgld_step_(p, d, group["inner_lr"], group["noise"], self.generator)
-                    mu.mul_(1.0 - a).add_(p, alpha=a)
+                live = [j for j, p in enumerate(group["params"]) if p.grad is not None]
+                ps = [group["params"][j] for j in live]
+                if not ps:
+                    continue
+                x_, mu_ = [xs[j] for j in live], [mus[j] for j in live]
+                # dx' = ∇f(x') + λx' + γ(x' − x)
+                d = torch._foreach_sub(ps, x_)
+                torch._foreach_mul_(d, gamma)
+                torch._foreach_add_(d, [p.grad for p in ps])
+                if group["weight_decay"]:
+                    torch._foreach_add_(d, ps, alpha=group["weight_decay"])
+                sgld_step_(ps, d, group["inner_lr"], group["noise"], self.generator)
+                # μ ← (1 − α)μ + αx'
+                torch._foreach_mul_(mu_, 1.0 - a)
+                torch._foreach_add_(mu_, ps, alpha=a)
         # outer step from x along x − μ, with (Nesterov) momentum
         for group, xs, mus in zip(self.param_groups, anchors, means):
             m = group["momentum"]

@@ -37,16 +37,27 @@ def gaussian_like(p: torch.Tensor, generator: torch.Generator | None = None) -> 
 
 
 @torch.no_grad()
-def sgld_step_(p: torch.Tensor, grad: torch.Tensor, lr: float, noise: float,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def sgld_step_(p, grad, lr: float, noise: float,
+               generator: torch.Generator | None = None):
     """In place: ``p ← p − lr·grad + √(2·lr)·noise·ξ`` (one SGLD step at temperature noise²).
 
+    ``p`` and ``grad`` are tensors, or equally long lists of tensors (updated with
+    ``torch._foreach`` ops; the noise for all of them is one draw from ``generator``, split).
     ``noise = 0`` is plain gradient descent (no random numbers are drawn). Returns ``p``.
     """
     _check(lr, noise)
-    p.add_(grad, alpha=-lr)
+    ps, gs = ([p], [grad]) if isinstance(p, torch.Tensor) else (list(p), list(grad))
+    if len(ps) != len(gs):
+        raise ValueError(f"{len(ps)} tensors but {len(gs)} gradients")
+    if not ps:
+        return p
+    torch._foreach_add_(ps, gs, alpha=-lr)
     if noise > 0:
-        p.add_(gaussian_like(p, generator), alpha=math.sqrt(2.0 * lr) * noise)
+        first = ps[0]
+        flat = gaussian_like(torch.empty(sum(q.numel() for q in ps), dtype=first.dtype, device=first.device),
+                             generator)
+        xi = [z.view_as(q) for z, q in zip(flat.split([q.numel() for q in ps]), ps)]
+        torch._foreach_add_(ps, xi, alpha=math.sqrt(2.0 * lr) * noise)
     return p
 
 
@@ -69,9 +80,8 @@ class SGLD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-                sgld_step_(p, g, group["lr"], group["noise"], self.generator)
+            ps = [p for p in group["params"] if p.grad is not None]
+            gs = [p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
+                  for p in ps]
+            sgld_step_(ps, gs, group["lr"], group["noise"], self.generator)
         return loss

@@ -3,10 +3,17 @@
 One file per method (each opens with its paper and equations):
 
 * :mod:`.padam` — Padam, partially adaptive momentum (Chen & Gu 2020), GadamX's base optimizer.
+* :mod:`.sam` — SAM, ASAM and SAM-ON (Foret et al. 2021; Kwon et al. 2021; Mueller et al. 2023),
+  a parameter filter by module type.
+* :mod:`.sgld` — stochastic-gradient Langevin dynamics (Welling & Teh 2011): the step function.
+* :mod:`.entropy_sgd` — Entropy-SGD (Chaudhari et al. 2017), an SGLD inner loop on fresh batches.
 
 They train through ``train.fit`` like any PyTorch optimizer (closure-based ones through its
 default closure step).
 """
 from .padam import Padam
+from .entropy_sgd import EntropySGD
+from .sam import SAM, norm_parameters, sam_param_counts
+from .sgld import SGLD, sgld_step_
 
-__all__ = ["Padam"]
+__all__ = ["EntropySGD", "Padam", "SAM", "SGLD", "norm_parameters", "sam_param_counts", "sgld_step_"]

@@ -144,7 +144,9 @@ class MultirateSGD(torch.optim.Optimizer):
     elements that are fast this cycle). ``lr`` is h/k and acts on both parts (the official
     code's convention); ``weight_decay`` adds ``λθ`` to a gradient wherever one is used.
     ``generator`` draws the random partitions' masks (default: seeded from the global RNG).
-    Counters: ``slow_steps`` (= full backward passes needed) and ``fast_steps``.
+    Counters: ``slow_steps`` (= full backward passes needed) and ``fast_steps``. A group without
+    a ``role`` is fast, so ``MultirateSGD(model.parameters(), ...)`` is plain SGD with momentum;
+    :func:`partition` makes the groups.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, k: int = 5, *, drift: bool = True,

@@ -13,7 +13,7 @@ the order alternating (so a change in the machine's load hits all of them):
   the slow parameters instead (the official code's way);
 * ``head only`` — SGD on the head, the backbone frozen (the floor: no full backward at all).
 
-    python benchmarks/multirate.py [--rounds 15] [--k 5]
+    python benchmarks/multirate.py [--rounds 11] [--k 5]
 
 Prints the median time per epoch of each contender, its ratio to train-all (the target for
 multirate at k = 5 is at most 0.65; FLOPs predict (k+2)/(3k) = 0.47) and the FLOP ratio counted
@@ -84,7 +84,7 @@ def contender(name, ds, k):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--k", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)

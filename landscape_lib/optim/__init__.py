@@ -7,13 +7,17 @@ One file per method (each opens with its paper and equations):
   a parameter filter by module type.
 * :mod:`.sgld` — stochastic-gradient Langevin dynamics (Welling & Teh 2011): the step function.
 * :mod:`.entropy_sgd` — Entropy-SGD (Chaudhari et al. 2017), an SGLD inner loop on fresh batches.
+* :mod:`.multirate` — multirate SGD (Vlaar & Leimkuhler 2022): fast and slow parameter groups,
+  slow gradients every k steps, with its ``train.fit`` step :func:`~.multirate.multirate_step`.
 
 They train through ``train.fit`` like any PyTorch optimizer (closure-based ones through its
 default closure step).
 """
+from .multirate import MultirateSGD, multirate_step
 from .padam import Padam
 from .entropy_sgd import EntropySGD
 from .sam import SAM, norm_parameters, sam_param_counts
 from .sgld import SGLD, sgld_step_
 
 __all__ = ["EntropySGD", "Padam", "SAM", "SGLD", "norm_parameters", "sam_param_counts", "sgld_step_"]
+__all__ = ["MultirateSGD", "Padam", "multirate_step"]

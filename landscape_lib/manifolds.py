@@ -262,6 +262,13 @@ class Stiefel(Manifold):
             raise ValueError(f"unknown Stiefel init {init!r}; valid choices: {', '.join(STIEFEL_INITS)}")
         self.init = init
 
+    def tolerance(self, q):
+        # ‖WᵀW − I‖_F of an exactly orthonormalised k-column matrix is ≈ 0.1–0.8·eps·k in
+        # floating point, so the default tolerance grows with k (1.5e-5 for k = 128 in fp32)
+        if self.tol is not None:
+            return self.tol
+        return max(_default_tol(q.dtype), torch.finfo(q.dtype).eps * q.shape[1])
+
     def check(self, p):
         _check_float(p, self.name)
         if p.dim() < 2:

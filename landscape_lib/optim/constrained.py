@@ -145,9 +145,9 @@ class ConstrainedLangevin(torch.optim.Optimizer):
                     buf = state.get("momentum_buffer")
                     buf = torch.zeros_like(q) if buf is None else buf
                     buf = buf.mul(mu)                                      # O
-                    if tau > 0:
+                    if tau > 0:  # (without noise μ·b is tangent already: b is RATTLE's)
                         buf.add_(self._noise(q), alpha=math.sqrt((1 - mu * mu) * tau / lr))
-                    buf = manifold.tangent(q, buf)
+                        buf = manifold.tangent(q, buf)
                     buf = manifold.tangent(q, buf + f)                     # B
                     trial = q - lr * buf                                   # A
                 else:

@@ -15,6 +15,7 @@ One module per concept (see DESIGN.md):
 * ``schedules`` — learning-rate schedules (SWA's, FGE's, cosine, phases, ``per_batch``);
 * ``averaging`` — SWA, EMA, periodic/multi-round SWA, iterate averaging, SWAG;
 * ``optim`` — optimizers PyTorch lacks (a package, one file per method);
+* ``manifolds`` — weight constraints (circle, sphere, Stiefel) with SHAKE/RATTLE solves;
 * ``quadratic`` — the noisy quadratic model;
 * ``ensembles`` — metrics (accuracy, NLL, ECE, Brier, disagreement, KL), members, averaging;
 * ``claims`` — a paper's claim against a measurement, per seed; the scoreboard;

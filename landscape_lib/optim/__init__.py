@@ -9,11 +9,14 @@ One file per method (each opens with its paper and equations):
 * :mod:`.entropy_sgd` — Entropy-SGD (Chaudhari et al. 2017), an SGLD inner loop on fresh batches.
 * :mod:`.multirate` — multirate SGD (Vlaar & Leimkuhler 2022): fast and slow parameter groups,
   slow gradients every k steps, with its ``train.fit`` step :func:`~.multirate.multirate_step`.
+* :mod:`.constrained` — constrained Langevin dynamics with a constraint per param group
+  (c-CoLA, o-CoLA, C-SGD, C-SGLD; Leimkuhler et al. 2020, 2021).
 
 They train through ``train.fit`` like any PyTorch optimizer (closure-based ones through its
 default closure step).
 """
 from .multirate import MultirateSGD, multirate_step
+from .constrained import ConstrainedLangevin, constrained_groups
 from .padam import Padam
 from .entropy_sgd import EntropySGD
 from .sam import SAM, norm_parameters, sam_param_counts
@@ -21,3 +24,4 @@ from .sgld import SGLD, sgld_step_
 
 __all__ = ["EntropySGD", "Padam", "SAM", "SGLD", "norm_parameters", "sam_param_counts", "sgld_step_"]
 __all__ = ["MultirateSGD", "Padam", "multirate_step"]
+__all__ = ["ConstrainedLangevin", "Padam", "constrained_groups"]

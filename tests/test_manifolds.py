@@ -3,7 +3,6 @@
 References: a dense projection built from the constraint's Jacobian (autograd), PyTorch's
 ``parametrizations.orthogonal`` (QR with diag R > 0) and SciPy's polar decomposition, PyTorch's
 SGD, and the analytic Gibbs measures on a circle (von Mises, arcsine)."""
-import math
 
 import numpy as np
 import pytest

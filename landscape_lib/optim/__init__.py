@@ -15,13 +15,12 @@ One file per method (each opens with its paper and equations):
 They train through ``train.fit`` like any PyTorch optimizer (closure-based ones through its
 default closure step).
 """
-from .multirate import MultirateSGD, multirate_step
 from .constrained import ConstrainedLangevin, constrained_groups
-from .padam import Padam
 from .entropy_sgd import EntropySGD
+from .multirate import MultirateSGD, multirate_step
+from .padam import Padam
 from .sam import SAM, norm_parameters, sam_param_counts
 from .sgld import SGLD, sgld_step_
 
-__all__ = ["EntropySGD", "Padam", "SAM", "SGLD", "norm_parameters", "sam_param_counts", "sgld_step_"]
-__all__ = ["MultirateSGD", "Padam", "multirate_step"]
-__all__ = ["ConstrainedLangevin", "Padam", "constrained_groups"]
+__all__ = ["ConstrainedLangevin", "EntropySGD", "MultirateSGD", "Padam", "SAM", "SGLD", "constrained_groups",
+           "multirate_step", "norm_parameters", "sam_param_counts", "sgld_step_"]

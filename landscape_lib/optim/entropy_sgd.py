@@ -6,7 +6,10 @@ Biasing Gradient Descent Into Wide Valleys", ICLR 2017 (arXiv 1611.01838); offic
 
 The **local entropy** of ``f`` at ``x``, with scope ``γ`` and temperature ``ε²``, is
 
-.. math::  F(x, γ) = \\log \\int \\exp\\Big(-\\frac{1}{ε^2}\\big(f(x') + \\tfrac{γ}{2}\\lVert x - x'\\rVert^2\\big)\\Big)\\, dx' ,
+.. math::
+
+    F(x, γ) = \\log \\int \\exp\\Big(-\\frac{1}{ε^2}\\big(f(x')
+              + \\tfrac{γ}{2}\\lVert x - x'\\rVert^2\\big)\\Big)\\, dx' ,
 
 large where a lot of low-loss volume surrounds ``x`` (the paper's ``β = 1``: ``ε = 1``). Its
 gradient is ``−∇F = (γ/ε²)(x − ⟨x'⟩)``, with ``⟨x'⟩`` the mean of the local Gibbs measure

@@ -69,9 +69,11 @@ c = e^{−γh}, i.e. exactly ``torch.optim.SGD(lr = h²(1 + c)/2, momentum = c)`
 initial kick a full B_h, ``initial_kick="full"``; the default half-kick halves the first step).
 
 **Constraints** (chapter 17) compose per group through the group key ``constraint``: an object
-with ``project_position(p_tensor)`` (called after every A sub-step, in place: the SHAKE
-position solve) and ``project_momentum(p_tensor, momentum)`` (after every sub-step that changes
-the momentum, in place: the RATTLE tangent projection), or ``None`` (the default).
+with ``project_position(param, momentum, t)`` (called after every A sub-step of length ``t``,
+in place: the SHAKE position solve, which may also correct ``momentum`` by the same constraint
+force, p ← p + (θ_projected − θ_drifted)/t) and ``project_momentum(param, momentum)`` (after every
+sub-step that changes the momentum, in place: the RATTLE tangent projection), or ``None`` (the
+default). ``momentum`` is a view of the optimizer's buffer: modify it in place.
 """
 from __future__ import annotations
 
@@ -241,7 +243,7 @@ class SplittingOptimizer(torch.optim.Optimizer):
             c = g["constraint"]
             if c is not None and not (callable(getattr(c, "project_position", None))
                                       and callable(getattr(c, "project_momentum", None))):
-                raise ValueError("a constraint needs project_position(param) and "
+                raise ValueError("a constraint needs project_position(param, momentum, t) and "
                                  "project_momentum(param, momentum) methods (or None)")
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
@@ -352,8 +354,8 @@ class SplittingOptimizer(torch.optim.Optimizer):
                 if letter == "A":
                     torch._foreach_add_(params, views, alpha=t)
                     if constraint is not None:
-                        for p in params:
-                            constraint.project_position(p)
+                        for p, v in zip(params, views):
+                            constraint.project_position(p, v, t)
                     continue
                 if letter == "O":
                     damp = math.exp(-gamma * t)

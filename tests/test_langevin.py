@@ -266,9 +266,11 @@ class _UnitSphere:
     def __init__(self):
         self.calls = {"position": 0, "momentum": 0}
 
-    def project_position(self, p):
+    def project_position(self, p, m, t):
         self.calls["position"] += 1
+        drifted = p.clone()
         p.div_(p.norm(dim=-1, keepdim=True))
+        m.add_(p - drifted, alpha=1 / t)  # SHAKE: the same constraint force on the momentum
 
     def project_momentum(self, p, m):
         self.calls["momentum"] += 1

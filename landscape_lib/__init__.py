@@ -16,6 +16,8 @@ One module per concept (see DESIGN.md):
 * ``averaging`` — SWA, EMA, periodic/multi-round SWA, iterate averaging, SWAG;
 * ``optim`` — optimizers PyTorch lacks (a package, one file per method);
 * ``manifolds`` — weight constraints (circle, sphere, Stiefel) with SHAKE/RATTLE solves;
+* ``langevin`` — training as sampling: the splitting integrator (LaLa, AdLaLa, LOL, heavy ball),
+  the (h, γ, τ) ↔ (lr, momentum) converter, kinetic-temperature monitors;
 * ``quadratic`` — the noisy quadratic model;
 * ``ensembles`` — metrics (accuracy, NLL, ECE, Brier, disagreement, KL), members, averaging;
 * ``claims`` — a paper's claim against a measurement, per seed; the scoreboard;

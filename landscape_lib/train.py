@@ -482,6 +482,8 @@ def _divergence_message(epoch: int, step: int, loss, optimizer, what: str = "los
                                                                         "capturable",
                                                                         "differentiable",
                                                                         "maximize")}
+    if callable(getattr(optimizer, "hyperparameters", None)):  # per-group (langevin)
+        hyper = optimizer.hyperparameters()
     value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     return (f"training diverged: non-finite {what} ({value}) at epoch {epoch}, step {step}; "
             f"{type(optimizer).__name__} with lr={lr}, hyperparameters {hyper}. "

@@ -20,6 +20,7 @@ One module per concept (see DESIGN.md):
   the (h, γ, τ) ↔ (lr, momentum) converter, kinetic-temperature monitors;
 * ``quadratic`` — the noisy quadratic model;
 * ``ensembles`` — metrics (accuracy, NLL, ECE, Brier, disagreement, KL), members, averaging;
+* ``film`` — FiLM-Ensemble: member-conditioned norm layers, conversion of any model, the wrapper;
 * ``claims`` — a paper's claim against a measurement, per seed; the scoreboard;
 * ``viz`` — plotly figures with static sliders and the layout rules;
 * ``runner``, ``book``, ``colab``, ``check``, ``coursework`` — executing chapters, building the

@@ -159,7 +159,8 @@ def test_gradient_of_the_ensemble_loss_is_the_mean_of_member_losses():
     for m in range(M):
         ref = _reference(net, ens.net, m)
         F.cross_entropy(ref(x), y).backward()
-        torch.testing.assert_close(ens.net.bn1.weight.grad.view(M, -1)[m], ref.bn1.weight.grad / M, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ens.net.bn1.weight.grad.view(M, -1)[m], ref.bn1.weight.grad / M,
+                                   rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(ens.net.bn1.bias.grad.view(M, -1)[m], ref.bn1.bias.grad / M, rtol=1e-4, atol=1e-6)
         shared += ref.fc1.weight.grad / M
     torch.testing.assert_close(ens.net.fc1.weight.grad, shared, rtol=1e-4, atol=1e-6)

@@ -202,15 +202,18 @@ class SparseMasker:
     ``nn.Linear``/``nn.Conv{1,2,3}d``. ``dense``: names among them kept dense. ``schedule=None``
     is static sparse training. ``grow``: ``"gradient"`` (RigL) or ``"random"`` (SET).
     ``generator`` seeds the initial masks, the random growth and the drop tie-breaking noise
-    (default: one drawn from the global RNG).
+    (default: one drawn from the global RNG). ``masks``: start from given masks (a ticket, a
+    re-pruned network) instead of random ones; ``density`` may then be ``None``.
     """
 
-    def __init__(self, model: nn.Module, density: float, *, distribution: str = "erk",
+    def __init__(self, model: nn.Module, density: float | None, *, distribution: str = "erk",
                  modules: Iterable[str | nn.Module] | None = None, dense: Iterable[str] = (),
                  grow: str = "gradient", schedule: DropSchedule | None = None,
                  skip_update: bool = True, tie_noise: float = 1e-5,
-                 generator: torch.Generator | None = None):
-        _check_density(density)
+                 generator: torch.Generator | None = None,
+                 masks: Mapping[str, torch.Tensor] | None = None):
+        if density is not None or masks is None:
+            _check_density(density)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}; valid choices: "
                              f"{', '.join(DISTRIBUTIONS)}")
@@ -218,7 +221,8 @@ class SparseMasker:
             raise ValueError(f"unknown grow rule {grow!r}; valid choices: {', '.join(GROW_RULES)}")
         if schedule is not None and not isinstance(schedule, DropSchedule):
             raise TypeError(f"schedule must be a DropSchedule or None, got {type(schedule).__name__}")
-        self.model, self.density, self.distribution = model, float(density), distribution
+        self.model, self.distribution = model, distribution
+        self.density = None if density is None else float(density)
         self.grow, self.schedule, self.skip_update = grow, schedule, skip_update
         self.tie_noise = float(tie_noise)
         self.generator = (torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
@@ -227,10 +231,23 @@ class SparseMasker:
         named = dict(model.named_modules())
         self.weights: dict[str, nn.Parameter] = {n: named[n].weight for n in self.names}
         shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
-        self.counts = layer_counts(shapes, density, distribution, dense)
-        self.masks: dict[str, torch.Tensor] = {
-            n: _random_mask(shapes[n], self.counts[n], self.generator, w.device)
-            for n, w in self.weights.items()}
+        if masks is not None:
+            missing = [n for n in self.names if n not in masks]
+            if missing:
+                raise ValueError(f"masks= lacks the masked modules {missing}; masked: "
+                                 f"{', '.join(self.names)}")
+            bad = [n for n in self.names if tuple(masks[n].shape) != shapes[n]]
+            if bad:
+                raise ValueError(f"masks of {bad} do not have their weights' shapes")
+            self.masks = {n: masks[n].to(torch.bool).to(self.weights[n].device)
+                          for n in self.names}
+            self.counts = {n: int(m.sum()) for n, m in self.masks.items()}
+            total = sum(self.counts.values())
+            self.density = total / sum(math.prod(s) for s in shapes.values())
+        else:
+            self.counts = layer_counts(shapes, density, distribution, dense)
+            self.masks = {n: _random_mask(shapes[n], self.counts[n], self.generator, w.device)
+                          for n, w in self.weights.items()}
         self._float: dict[str, torch.Tensor] = {}
         self.updates: list[dict] = []  # one record per mask update
         self._refresh()

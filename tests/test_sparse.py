@@ -246,3 +246,14 @@ def test_module_without_weight():
 def test_delta_t_below_one(dt):
     with pytest.raises(ValueError, match=">= 1"):
         sparse.DropSchedule(delta_t=dt, t_end=100)
+
+
+def test_given_masks_are_kept():
+    m = mlp()
+    masks = sparse.global_magnitude_masks({n: mod.weight for n, mod in m.named_modules()
+                                           if isinstance(mod, nn.Linear)}, 0.2)
+    s = sparse.SparseMasker(m, None, masks=masks)
+    assert all(torch.equal(s.masks[n], masks[n]) for n in masks)
+    assert s.density == pytest.approx(0.2, abs=1e-3)
+    with pytest.raises(ValueError, match="lacks"):
+        sparse.SparseMasker(mlp(), None, masks={"fc1": masks["fc1"]})

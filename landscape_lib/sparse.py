@@ -150,6 +150,11 @@ def layer_counts(shapes: Mapping[str, Sequence[int]], density: float, distributi
     return counts
 
 
+def maskable(model: nn.Module) -> list[str]:
+    """Names of the modules a :class:`SparseMasker` masks by default (Linear and Conv)."""
+    return [n for n, m in model.named_modules() if isinstance(m, MASKABLE)]
+
+
 def _random_mask(shape, count: int, generator: torch.Generator | None, device) -> torch.Tensor:
     n = math.prod(shape)
     mask = torch.zeros(n, dtype=torch.bool)

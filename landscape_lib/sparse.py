@@ -60,6 +60,7 @@ everything above (``torch.nn.utils.prune`` has static masks only).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -381,15 +382,45 @@ class SparseMasker:
             self._reset_state(optimizer, new_conn)
         return changed
 
-    def reexplore(self, q: float, optimizer=None, *, grow: str | None = None) -> dict:
+    def reexplore(self, q: float, optimizer=None, *, grow: str | None = None,
+                  batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  loss_fn=nn.functional.cross_entropy) -> dict:
         """FreeTickets' global exploration: drop the fraction ``q`` of the active weights of
-        every layer by magnitude and grow as many (by gradient or at random) in one go."""
+        every layer by magnitude and grow as many (by gradient or at random) in one go. With
+        ``batch=(x, y)`` the dense gradient for growth is computed on it first (train mode)."""
         if not 0 <= q <= 1:
             raise ValueError(f"re-exploration rate q must lie in [0, 1], got {q!r}")
+        if batch is not None and (grow or self.grow) == "gradient":
+            was = self.model.training
+            self.model.train()
+            self.model.zero_grad(set_to_none=True)
+            loss_fn(self.model(batch[0]), batch[1]).backward()
+            self.model.train(was)
         out = self.drop_grow(q, optimizer, grow=grow)
+        if batch is not None:
+            self.model.zero_grad(set_to_none=True)
         self.updates.append({"step": None, "fraction": q, "changed": sum(out.values()),
                              "kind": "reexplore"})
         return out
+
+    def fork(self, model: nn.Module) -> "SparseMasker":
+        """The same masker (masks, settings, generator state, update log) over ``model``, a copy
+        of this masker's model (e.g. from ``train.fork``), so a run can branch."""
+        names = dict(model.named_modules())
+        missing = [n for n in self.names if n not in names]
+        if missing:
+            raise ValueError(f"the model lacks the masked modules {missing}")
+        new = copy.copy(self)
+        new.model = model
+        new.weights = {n: names[n].weight for n in self.names}
+        new.masks = {n: m.clone() for n, m in self.masks.items()}
+        new.counts = dict(self.counts)
+        new.updates = [dict(u) for u in self.updates]
+        g = torch.Generator(device=self.generator.device)
+        g.set_state(self.generator.get_state())
+        new.generator = g
+        new._refresh()
+        return new
 
     # -- the training step for train.fit -----------------------------------------------------
     def step(self, ctx) -> torch.Tensor:
@@ -508,3 +539,44 @@ def training_flops(dense_flops: Mapping[str, int], densities: Mapping[str, float
         n_updates = len(range(delta_t, min(t_end, steps + 1), delta_t))
         total += n_updates * (f_d - f_s)
     return total * batch_size
+
+
+# --- superposition of tickets (Sup-tickets) ------------------------------------------------------
+
+SUPERPOSITIONS = ("caa", "cima")
+
+
+def superposition(model: nn.Module, rule: str = "caa", lam: float = 0.5):
+    """An ``AveragedModel`` of ``model`` that superposes tickets (Yin et al. 2022), buffers
+    included (``use_buffers=True``, as the official code averages the whole ``state_dict``):
+
+    * ``"caa"`` — cumulative average ``θ̄_k = (1 − 1/(k+1)) θ̄_{k−1} + θ_k/(k+1)``
+      (``AveragedModel``'s default equal average);
+    * ``"cima"`` — ``θ̄_k = (1 − λ) θ̄_{k−1} + λ θ_k`` (``get_ema_multi_avg_fn(1 − λ)``).
+
+    Call ``update_parameters(model)`` with the phase-1 model and after each cycle's ticket."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if rule not in SUPERPOSITIONS:
+        raise ValueError(f"unknown superposition {rule!r}; valid choices: {', '.join(SUPERPOSITIONS)}")
+    if rule == "caa":
+        return AveragedModel(model, use_buffers=True)
+    if not 0 < lam <= 1:
+        raise ValueError(f"lam must lie in (0, 1], got {lam!r}")
+    return AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(1 - lam))
+
+
+@torch.no_grad()
+def reprune(model: nn.Module, density: float, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Global magnitude re-pruning in place: keep the ``round(density · Σ N_l)`` largest ``|W|``
+    over the weights of ``names`` (default: every Linear/Conv), zero the rest; returns the masks."""
+    named = dict(model.named_modules())
+    names = maskable(model) if names is None else list(names)
+    missing = [n for n in names if not isinstance(getattr(named.get(n), "weight", None), torch.Tensor)]
+    if missing:
+        raise ValueError(f"modules {missing} have no weight; maskable: {', '.join(maskable(model))}")
+    weights = {n: named[n].weight for n in names}
+    masks = global_magnitude_masks(weights, density)
+    for n, w in weights.items():
+        w.mul_(masks[n].to(w.dtype))
+    return masks

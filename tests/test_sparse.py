@@ -257,3 +257,40 @@ def test_given_masks_are_kept():
     assert s.density == pytest.approx(0.2, abs=1e-3)
     with pytest.raises(ValueError, match="lacks"):
         sparse.SparseMasker(mlp(), None, masks={"fc1": masks["fc1"]})
+
+
+def test_fork_is_independent_and_reexplore_with_batch():
+    m = mlp()
+    s = sparse.SparseMasker(m, 0.2, generator=g())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    f = train.fork(m, opt)
+    s2 = s.fork(f.model)
+    x, y = torch.randn(32, 40), torch.randint(0, 10, (32,))
+    s2.reexplore(0.5, f.optimizer, batch=(x, y))
+    assert all(w.grad is None for w in s2.weights.values())
+    assert not all(torch.equal(s.masks[n], s2.masks[n]) for n in s.names)
+    assert all(int(s.masks[n].sum()) == int(s2.masks[n].sum()) for n in s.names)
+    assert all(s2.weights[n] is dict(f.model.named_modules())[n].weight for n in s.names)
+    for n, w in s2.weights.items():
+        assert (w[~s2.masks[n]] == 0).all()
+
+
+def test_superposition_caa_cima_and_reprune():
+    a, b = mlp(), mlp()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
+    caa = sparse.superposition(a, "caa")
+    caa.update_parameters(a)
+    caa.update_parameters(b)
+    assert torch.allclose(caa.module.fc1.weight, (a.fc1.weight + b.fc1.weight) / 2)
+    cima = sparse.superposition(a, "cima", lam=0.25)
+    cima.update_parameters(a)
+    cima.update_parameters(b)
+    assert torch.allclose(cima.module.fc1.weight, 0.75 * a.fc1.weight + 0.25 * b.fc1.weight, atol=1e-6)
+    masks = sparse.reprune(caa.module, 0.1)
+    ws = [caa.module.fc1.weight, caa.module.fc2.weight, caa.module.out.weight]
+    assert sum(int((w != 0).sum()) for w in ws) == round(0.1 * sum(w.numel() for w in ws))
+    assert set(masks) == {"fc1", "fc2", "out"}
+    with pytest.raises(ValueError, match="caa, cima"):
+        sparse.superposition(a, "mean")

@@ -16,6 +16,8 @@ One module per concept (see DESIGN.md):
 * ``averaging`` — SWA, EMA, periodic/multi-round SWA, iterate averaging, SWAG;
 * ``optim`` — optimizers PyTorch lacks (a package, one file per method);
 * ``quadratic`` — the noisy quadratic model;
+* ``sparse`` — dynamic sparse training: masks, ERK densities, RigL/SET drop-grow, re-exploration,
+  superposition and re-pruning of tickets, sparse training FLOPs;
 * ``ensembles`` — metrics (accuracy, NLL, ECE, Brier, disagreement, KL), members, averaging;
 * ``claims`` — a paper's claim against a measurement, per seed; the scoreboard;
 * ``viz`` — plotly figures with static sliders and the layout rules;

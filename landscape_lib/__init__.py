@@ -19,6 +19,8 @@ One module per concept (see DESIGN.md):
 * ``langevin`` — training as sampling: the splitting integrator (LaLa, AdLaLa, LOL, heavy ball),
   the (h, γ, τ) ↔ (lr, momentum) converter, kinetic-temperature monitors;
 * ``quadratic`` — the noisy quadratic model;
+* ``sparse`` — dynamic sparse training: masks, ERK densities, RigL/SET drop-grow, re-exploration,
+  superposition and re-pruning of tickets, sparse training FLOPs;
 * ``ensembles`` — metrics (accuracy, NLL, ECE, Brier, disagreement, KL), members, averaging;
 * ``film`` — FiLM-Ensemble: member-conditioned norm layers, conversion of any model, the wrapper;
 * ``claims`` — a paper's claim against a measurement, per seed; the scoreboard;

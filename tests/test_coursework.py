@@ -141,13 +141,20 @@ def test_unbalanced_solution_markers_are_an_error():
 
 
 def _solution_lines(nb):
-    out = []
+    """The lines of the solution regions that appear nowhere else in the instructor's notebook
+    (a generic line such as ``with torch.no_grad():`` that the chapter also uses outside a
+    solution is not solution text)."""
+    out, outside = [], []
     for c in nb["cells"]:
         src = "".join(c["source"])
-        if "### BEGIN SOLUTION" in src:
-            inner = src.split("### BEGIN SOLUTION", 1)[1].split("### END SOLUTION", 1)[0]
+        while "### BEGIN SOLUTION" in src:
+            before, rest = src.split("### BEGIN SOLUTION", 1)
+            inner, _, src = rest.partition("### END SOLUTION")
+            outside += before.splitlines()
             out += [ln.strip() for ln in inner.splitlines() if len(ln.strip()) > 12]
-    return out
+        outside += src.splitlines()
+    elsewhere = {ln.strip() for ln in outside}
+    return [ln for ln in out if ln not in elsewhere]
 
 
 @pytest.mark.parametrize("ch", runner.chapters(ROOT), ids=lambda c: c.slug)

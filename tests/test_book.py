@@ -56,7 +56,14 @@ def test_same_seed_gives_identical_claims(smoke_run, tmp_path):
     proc = _run("run", "--profile", "smoke", "--force", "--out", str(tmp_path / "again"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     second = json.loads((tmp_path / "again" / "claims.json").read_text())
-    assert first == second
+    # a wall-clock measurement is the one thing a seed cannot fix: compare those records without
+    # their measured values (they are never gated; the benchmarks measure time)
+    timed = [r["claim"] for r in first if "wall-clock" in r["claim"] or "wall clock" in r["claim"]]
+    assert all(not r["gated"] for r in first if r["claim"] in timed), timed
+    strip = lambda recs: [{k: v for k, v in r.items()  # noqa: E731
+                           if r["claim"] not in timed or k not in ("measured", "margin", "holds", "note")}
+                          for r in recs]
+    assert strip(first) == strip(second)
     assert {r["chapter"] for r in first} == {c.number for c in runner.chapters(ROOT)}
 
 

@@ -72,6 +72,8 @@ def plotly_js_path() -> Path:
 #: Minimum drawing width of one panel of a side-by-side figure: on a phone such a figure keeps
 #: this width per panel and scrolls sideways inside its container instead of shrinking.
 PANEL_MIN_PX = 300
+#: ... up to this width for the whole row (a row of many small panels still fits a desktop column).
+PANEL_ROW_MAX_PX = 720
 
 
 def _panels(fig) -> int:
@@ -179,7 +181,7 @@ def to_html(fig, div_id: str | None = None) -> str:
     inner = fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, auto_play=False,
                         config={"displaylogo": False, "responsive": True})
     n = _panels(fig)
-    style = f' style="min-width: {n * PANEL_MIN_PX}px"' if n > 1 else ""
+    style = f' style="min-width: {min(n * PANEL_MIN_PX, PANEL_ROW_MAX_PX)}px"' if n > 1 else ""
     return f'<div class="landscape-figure"><div{style}>{inner}</div></div>'
 
 

@@ -131,7 +131,8 @@ return Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
   id: gd.id,
   svg: !!gd.querySelector('svg.main-svg'),
   marks: gd.querySelectorAll(
-    '.scatterlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path').length,
+    '.scatterlayer .trace path, .contourlayer path, .heatmaplayer image, .barlayer path, '
+    + '.boxlayer path, .violinlayer path').length,
   sliders: gd.querySelectorAll('.slider-container').length,
 }));
 """

@@ -642,3 +642,10 @@ def test_side_by_side_panels_get_room_for_the_right_panels_axis_labels():
     wide.update_layout(xaxis=dict(domain=[0, 0.4]), xaxis2=dict(domain=[0.6, 1]), yaxis2=dict(anchor="x2"))
     viz.finalize(wide)
     assert tuple(wide.layout.xaxis.domain) == (0, 0.4) and tuple(wide.layout.xaxis2.domain) == (0.6, 1)
+
+
+def test_a_row_of_many_panels_still_fits_a_desktop_column():
+    fig = go.Figure([go.Scatter(x=[0, 1], y=[0, 1], xaxis=f"x{i}" if i > 1 else "x", yaxis=f"y{i}" if i > 1 else "y")
+                     for i in range(1, 6)])
+    fig.update_layout(**{f"xaxis{i if i > 1 else ''}": dict(domain=[(i - 1) / 5, i / 5 - 0.02]) for i in range(1, 6)})
+    assert f"min-width: {viz.PANEL_ROW_MAX_PX}px" in viz.to_html(fig, "c")

@@ -114,9 +114,10 @@ def test_hvp_equals_dense_hessian_times_v(mode):
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, H.numpy() @ v, rtol=1e-10, atol=1e-12)
     assert op.calls == 4
-    # auto chose forward-over-reverse: every operation here has a forward-mode derivative
-    assert op.mode == ("forward-over-reverse" if mode == "auto" else mode)
+    # auto chose the cached graph: every operation here has a double backward, and it fits
+    assert op.mode == ("cached-graph" if mode == "auto" else mode)
     assert op.forward_ad_error is None
+    assert (op.cache_bytes > 0) == (op.mode == "cached-graph")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -515,6 +516,9 @@ def _huber(out, t):
                                       ("old-style custom Function", "setup_context"),
                                       ("huber loss", "huber_loss_backward")])
 def test_auto_falls_back_to_reverse_over_reverse_where_forward_ad_is_missing(case, why):
+    """These operations have a double backward but no forward-mode derivative: "auto" takes the
+    cached graph; with no room for it (``cache_limit=0``) it tries forward-over-reverse, which
+    fails, and falls back to plain reverse-over-reverse."""
     torch.manual_seed(0)
     loss_fn = F.cross_entropy
     if case == "grid_sample":
@@ -531,11 +535,15 @@ def test_auto_falls_back_to_reverse_over_reverse_where_forward_ad_is_missing(cas
     y = torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(0))
     H = fd_hessian(model, x, y, loss_fn)
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cached = C.HVPOperator(model, x, y, loss_fn)
+    assert (cached.mv(v) - H @ v).norm() <= 1e-7 * (H @ v).norm()
+    assert cached.mode == "cached-graph" and cached.forward_ad_error is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback is silent
-        op = C.HVPOperator(model, x, y, loss_fn)
+        op = C.HVPOperator(model, x, y, loss_fn, cache_limit=0)
         hv = op.mv(v)
     assert op.mode == "reverse-over-reverse"
+    assert "over the limit of 0 MiB" in op.auto_log["cached-graph"]
     assert why in op.forward_ad_error  # why forward-over-reverse was left
     assert (hv - H @ v).norm() <= 1e-7 * hv.norm()
     assert (op.mv(v) - hv).norm() == 0 and op.mode == "reverse-over-reverse"  # chosen once
@@ -546,12 +554,13 @@ def test_auto_falls_back_to_reverse_over_reverse_where_forward_ad_is_missing(cas
         C.HVPOperator(model, x, y, loss_fn, mode="forward-over-reverse").mv(v)
 
 
-def test_no_mode_raises_naming_both_failures():
+def test_no_mode_raises_naming_every_failure():
     """multi_margin_loss has neither a forward-mode derivative nor a double backward."""
     model = tiny_mlp()
     x, y = tiny_data()
     op = C.HVPOperator(model, x, y, F.multi_margin_loss)
-    with pytest.raises(RuntimeError, match=r"forward-over-reverse failed \(.*multi_margin.*\) and "
+    with pytest.raises(RuntimeError, match=r"cached-graph failed \(.*multi_margin.*\); "
+                                           r"forward-over-reverse failed \(.*multi_margin.*\); "
                                            r"reverse-over-reverse failed \(.*multi_margin.*\)"):
         op.mv(torch.ones(op.n, dtype=torch.float64))
 
@@ -597,7 +606,7 @@ def test_second_order_kernels_make_attention_and_hardsigmoid_twice_differentiabl
     v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     hv = op.mv(v)
     assert (hv - H @ v).norm() <= 1e-7 * hv.norm()
-    assert op.mode == ("forward-over-reverse" if mode == "auto" else mode)
+    assert op.mode == ("cached-graph" if mode == "auto" else mode)
     # the composite hardsigmoid is the same function, in place too
     t = torch.linspace(-5, 5, 101, dtype=torch.float64)
     with C.second_order_kernels():
@@ -819,7 +828,7 @@ def test_bad_inputs_name_the_valid_range():
     with pytest.raises(ValueError, match="valid choices: eval, train"):
         C.HVPOperator(model, x, y, bn="recompute")
     with pytest.raises(ValueError, match="unknown HVP mode 'double-backward'; valid choices: auto, "
-                                         "forward-over-reverse, reverse-over-reverse"):
+                                         "cached-graph, forward-over-reverse, reverse-over-reverse"):
         C.HVPOperator(model, x, y, mode="double-backward")
     with pytest.raises(ValueError, match="valid choices: rademacher, gaussian"):
         C.hutchinson_trace(op, 3, distribution="uniform")
@@ -939,3 +948,69 @@ def test_lanczos_is_5x_cheaper_than_power_iteration_when_the_gap_is_small():
     print(f"\nλ₂/λ₁ = 0.99: Lanczos {lanczos_n}, power iteration {power_n} HVPs")
     assert None not in lanczos_n and None not in power_n
     assert 5 * sum(lanczos_n) <= sum(power_n)
+
+
+def test_cached_graph_limit_is_measured_on_one_chunk_and_stale_weights_raise():
+    """With several chunks, "auto" measures the first chunk's graph and keeps the cached graph
+    only if all chunks fit the limit; otherwise it takes forward-over-reverse. Either way the
+    product is the dense Hessian's. Weights changed in place make the cached graph rebuild."""
+    model = tiny_mlp()
+    x, y = tiny_data(n=12)
+    H = dense_hessian(model, x, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    roomy = C.HVPOperator(model, x, y, chunk_size=4)
+    torch.testing.assert_close(roomy.mv(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert roomy.mode == "cached-graph"
+    per_chunk = roomy.cache_bytes / 3
+    assert per_chunk > 0 and len(roomy._state) == 3  # one graph per chunk
+    # room for two chunks' graphs but not three
+    tight = C.HVPOperator(model, x, y, chunk_size=4, cache_limit=int(2.5 * per_chunk))
+    torch.testing.assert_close(tight.mv(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert tight.mode == "forward-over-reverse" and tight.cache_bytes == 0
+    assert "over the limit" in tight.auto_log["cached-graph"]
+    w = P.weights(model)
+    cached = C.HVPOperator(model, x, y, weights=w, mode="cached-graph")
+    forward = C.HVPOperator(model, x, y, weights=w, mode="forward-over-reverse")
+    before = cached.mv(v)
+    # the operators hold the caller's tensors: move the first layer's weights in place (the
+    # graph itself does not save them, so autograd would not notice)
+    w[next(iter(w))].add_(0.5)
+    moved = dense_hessian(model, x, y, weights=w) @ v
+    assert (moved - before).norm() > 1e-3 * moved.norm()
+    torch.testing.assert_close(cached.mv(v), moved, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(forward.mv(v), moved, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="cache_limit must be a number of bytes >= 0"):
+        C.HVPOperator(model, x, y, cache_limit=-1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_lanczos_stops_when_the_top_ritz_values_meet_tol(k):
+    """A known spectrum: a separated top, a bulk below. With ``tol`` the iteration stops early,
+    the top ``k`` Ritz values are within ``tol`` (relative) of the true eigenvalues, and each
+    error estimate is at least the actual error; without ``tol`` it runs all ``m`` steps."""
+    rng = np.random.default_rng(0)
+    n = 300
+    lam = np.concatenate([[10.0, 7.0, 5.0], rng.uniform(-0.5, 1.0, n - 3)])
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = torch.as_tensor((Q * lam) @ Q.T)
+    gen = torch.Generator().manual_seed(0)
+    res = C.lanczos(A, 120, tol=1e-8, k=k, generator=gen)
+    assert res.converged and len(res.alpha) < 60
+    top, true = res.ritz_values[-k:], np.sort(lam)[-k:]
+    err = np.abs(top - true)
+    assert np.all(err <= 1e-8 * true)
+    assert np.all(res.error_bounds[-k:] >= err)
+    full = C.lanczos(A, 60, generator=torch.Generator().manual_seed(0))
+    assert len(full.alpha) == 60 and full.converged is None and full.error_bounds is None
+    # the same start vector and steps: the early stop is a prefix of the full run
+    np.testing.assert_allclose(full.alpha[:len(res.alpha)], res.alpha, rtol=1e-12)
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        C.lanczos(A, 10, tol=-1.0)
+
+
+def test_ritz_error_bounds_on_a_hand_example():
+    """θ = (0, 1, 3), last components (0.5, 0.1, 0.2), β = 0.1: residuals (0.05, 0.01, 0.02);
+    the quadratic estimates r²/(gap − r_other) are 0.0025/0.99, 1e-4/0.95 and 4e-4/1.99."""
+    got = C.ritz_error_bounds(np.array([0.0, 1.0, 3.0]), np.array([0.5, 0.1, 0.2]), 0.1)
+    np.testing.assert_allclose(got, [0.0025 / 0.99, 1e-4 / 0.95, 4e-4 / 1.99], rtol=1e-12)
+    np.testing.assert_allclose(C.ritz_error_bounds(np.array([2.0]), np.array([0.5]), 0.2), [0.1])

@@ -741,13 +741,17 @@ def lanczos(op, m: int, *, v0: torch.Tensor | None = None, distribution: str = "
     m = min(m, n)
     v = _random_vector(n, distribution, generator, device) if v0 is None else v0.double().to(device)
     v = v / v.norm()
-    V = torch.zeros(m, n, dtype=torch.float64, device=device) if (reorth or keep_basis) else None
+    keep = reorth or keep_basis
+    # the basis grows by doubling, so an early stop does not pay for m rows
+    V = torch.empty(min(m, 16), n, dtype=torch.float64, device=device) if keep else None
     alpha, beta = [], []
     prev, b_prev = torch.zeros_like(v), 0.0
     before = _calls(op)
     bounds, converged = None, None
     for j in range(m):
         if V is not None:
+            if j == len(V):
+                V = torch.cat([V, torch.empty(min(len(V), m - len(V)), n, dtype=V.dtype, device=device)])
             V[j] = v
         w = f(v)
         a = float(v @ w)

@@ -199,6 +199,30 @@ def spirals(n_samples: int = 2000, *, n_arms: int = 2, noise: float = 0.2, turns
     return _split("spirals", x, y, n_arms, test_fraction, g)
 
 
+def root_spirals(n: int, *, seed: int, turns: float = 4.0, noise: float = 0.02,
+                 radius: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Two spiral arms with the radius and angle growing as ``√t`` (the recipe of the AdLaLa
+    code of Leimkuhler et al., used by chapter 16): for ``t ~ U[0, 1)``,
+
+    .. math::  x = r\sqrt t\,(\cos 2πk\sqrt t,\; \sin 2πk\sqrt t),
+
+    with ``r = radius`` and ``k = turns``; the second arm is the first reflected through the
+    origin, and Gaussian noise of standard deviation ``noise`` is added to every coordinate.
+    Returns ``(x, y)`` with ``n // 2`` points per arm (float32 ``[2·(n//2), 2]``, labels 0 and
+    1), unshuffled. Unlike :func:`spirals` (radius linear in the angle, a train/test split),
+    the √t law puts more points near the centre, where the arms wind tightest.
+    """
+    if n < 2:
+        raise ValueError(f"root_spirals needs n >= 2, got {n}")
+    g = np.random.default_rng(seed)
+    t = g.random((n // 2, 1)) ** 0.5
+    angle = 2 * np.pi * turns * t
+    arm = np.hstack([radius * t * np.cos(angle), radius * t * np.sin(angle)])
+    x = np.vstack([arm, -arm]) + g.standard_normal((2 * (n // 2), 2)) * noise
+    y = np.hstack([np.zeros(n // 2), np.ones(n // 2)])
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+
+
 def _moons(n_samples: int, noise: float, seed: int) -> Dataset:
     from sklearn.datasets import make_moons
 

@@ -1,4 +1,5 @@
 import hashlib
+import math
 import pickle
 
 import numpy as np
@@ -202,3 +203,23 @@ def test_stand_in_cifar_has_the_real_sizes_by_default(tmp_path):
     assert len(pickle.loads((folder / "test_batch").read_bytes())["data"]) == 10000
     with pytest.raises(ValueError, match="valid: cifar10, cifar100"):
         data.write_stand_in_cifar(tmp_path, "svhn")
+
+
+def test_root_spirals_follow_the_square_root_law():
+    """Noise-free, every point lies on r = radius·√t at angle 2π·turns·√t (arm 1) or its
+    reflection (arm 2); the draw is deterministic per seed and the arms are balanced."""
+    x, y = data.root_spirals(201, seed=3, noise=0.0, turns=2.0, radius=1.5)
+    assert x.shape == (200, 2) and x.dtype == torch.float32 and y.tolist() == [0] * 100 + [1] * 100
+    arm1, arm2 = x[:100].double(), x[100:].double()
+    torch.testing.assert_close(arm2, -arm1)
+    s = arm1.norm(dim=1) / 1.5  # √t
+    assert float(s.max()) < 1.0
+    angle = torch.atan2(arm1[:, 1], arm1[:, 0])
+    expected = 2 * math.pi * 2.0 * s
+    # the angle agrees modulo 2π
+    assert torch.allclose(torch.remainder(angle - expected + math.pi, 2 * math.pi) - math.pi,
+                          torch.zeros_like(angle), atol=1e-5)
+    a, b = data.root_spirals(50, seed=7), data.root_spirals(50, seed=7)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], data.root_spirals(50, seed=8)[0])
+    with pytest.raises(ValueError, match="n >= 2"):
+        data.root_spirals(1, seed=0)

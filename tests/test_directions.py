@@ -147,3 +147,70 @@ def test_pca_of_a_trajectory_whose_mean_is_off_the_centre():
     last = directions.pca(traj, k=1)
     assert abs(float(last.directions[0]["w"] @ e[0])) == pytest.approx(1.0, abs=1e-6)
     torch.testing.assert_close(last.coords[:, 0].abs(), (t - 5).abs(), rtol=1e-5, atol=1e-5)
+
+
+# --- exact and boundary cases found by mutation testing (CONTRIBUTING.md, "Mutation testing") ---
+
+def test_random_is_the_seeded_gaussian_filter_normalised_by_default():
+    """The default normalisation is "filter"; the raw draw is ``torch.randn`` from the given
+    generator, in the weights' dtype (float64 weights give a float64 direction)."""
+    w = {"w": torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64),
+         "b": torch.ones(2, dtype=torch.float64)}
+    d = directions.random(w, generator=torch.Generator().manual_seed(5))
+    raw = torch.randn((2, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = raw / raw.norm(dim=1, keepdim=True) * torch.tensor([[3.0], [4.0]], dtype=torch.float64)
+    assert d["w"].dtype == torch.float64
+    torch.testing.assert_close(d["w"], ref, rtol=1e-9, atol=1e-12)
+    assert torch.equal(d["b"], torch.zeros(2, dtype=torch.float64))
+    torch.manual_seed(0)  # the global generator is not used: the same seed gives the same draw
+    again = directions.random(w, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(again["w"], d["w"], rtol=0, atol=0)
+
+
+def test_random_and_between_accept_a_model():
+    torch.manual_seed(3)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    d = directions.random(a, norm="layer", generator=torch.Generator().manual_seed(1))
+    ref = directions.random(params.weights(a), norm="layer", generator=torch.Generator().manual_seed(1))
+    assert list(d) == ["weight", "bias"]
+    torch.testing.assert_close(d["weight"], ref["weight"], rtol=0, atol=0)
+    ab = directions.between(a, b)
+    torch.testing.assert_close(ab["weight"], b.weight.detach() - a.weight.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["filter", "layer", "global"])
+def test_normalize_guards_a_tiny_direction_with_1e_10(norm):
+    """‖d‖ = 1e-10 (one filter, one layer): the scale is ‖θ‖ / (‖d‖ + 1e-10), so the result has
+    half of θ's norm, not an infinite or doubled one."""
+    w = {"w": torch.tensor([[3.0, 4.0]], dtype=torch.float64)}
+    d = {"w": torch.tensor([[1e-10, 0.0]], dtype=torch.float64)}
+    out = directions.normalize(d, w, norm=norm)
+    torch.testing.assert_close(out["w"], torch.tensor([[2.5, 0.0]], dtype=torch.float64),
+                               rtol=1e-9, atol=0)
+
+
+def test_orthonormalize_threshold_is_strict_at_1e_12():
+    """Only a residual norm below 1e-12 counts as dependent: norm 1e-12 itself and a short
+    (norm 0.5) vector are normalised."""
+    tiny = directions.orthonormalize([{"w": torch.tensor([1e-12], dtype=torch.float64)}])
+    assert float(tiny[0]["w"]) == pytest.approx(1.0, rel=1e-12)
+    half = directions.orthonormalize([{"w": torch.tensor([0.3, 0.4], dtype=torch.float64)}])
+    torch.testing.assert_close(half[0]["w"], torch.tensor([0.6, 0.8], dtype=torch.float64))
+    with pytest.raises(ValueError, match="^directions are linearly dependent$"):
+        directions.orthonormalize([{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.0, 0.0])}])
+
+
+def test_pca_of_two_points_and_the_default_number_of_components():
+    """Two points are enough; their centred rows have rank 1, so at most min(n, p) = 2
+    directions come back whatever k asks (the second with zero variance); the default k is 2;
+    the result keeps the centre it was given."""
+    e = torch.eye(5)
+    center = {"w": torch.zeros(5)}
+    two = directions.pca([{"w": e[0]}, {"w": -e[0]}], center=center, k=4)
+    assert len(two.directions) == 2 and two.coords.shape == (2, 2)
+    assert two.center is center
+    torch.testing.assert_close(two.explained, torch.tensor([1.0, 0.0]), rtol=0, atol=1e-6)
+    traj = [{"w": float(i) * e[0] + float(i % 2) * e[1] + float(i % 3) * e[2]} for i in range(6)]
+    assert len(directions.pca(traj).directions) == 2
+    with pytest.raises(ValueError, match="^a trajectory needs at least two points for PCA$"):
+        directions.pca([{"w": e[0]}])

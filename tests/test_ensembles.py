@@ -273,3 +273,92 @@ def test_kl_diversity_against_scipy_entropy():
     assert E.mean_kl_diversity(members[:1]) == 0.0
     with pytest.raises(ValueError, match="one shape"):
         E.kl_divergence(members[0], members[1][:3])
+
+
+# --- exact and boundary cases found by mutation testing (CONTRIBUTING.md, "Mutation testing") ---
+
+def test_error_messages_are_exact():
+    p, y = random_probs(n=3, k=5)
+    with pytest.raises(ValueError, match=r"^labels must be \[N\] = \[3\], got \(2,\)$"):
+        E.nll(p, y[:2])
+    with pytest.raises(ValueError, match="^no predictions to score$"):
+        E.brier(p[:0], y[:0])
+    with pytest.raises(ValueError, match="^an ensemble needs at least one member$"):
+        E.average([])
+
+
+def test_brier_with_a_class_no_label_uses():
+    """K = 3 classes, labels only 0: Σ_k (p_k − 1[k = 0])² = 0.25 + 0.25 + 0 for (0.5, 0.5, 0)."""
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    assert E.brier(p, torch.tensor([0, 0])) == pytest.approx(0.25)
+
+
+def test_reliability_default_bins_one_bin_and_a_zero_confidence():
+    """15 bins by default: confidences 0.87 and 0.93 share bin 13 = (13/15, 14/15] (with 16
+    bins they would not), so ECE = |0.5 − 0.9|; one bin is allowed (ECE = |accuracy − mean
+    confidence|); a zero confidence goes to the first bin; a single prediction can be scored."""
+    p = torch.tensor([[0.87, 0.13], [0.93, 0.07]], dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    r = E.reliability(p, y)
+    assert len(r["count"]) == 15 and r["count"][13] == 2
+    assert E.ece(p, y) == pytest.approx(0.4, abs=1e-12)
+    assert E.ece(p, y, n_bins=16) == pytest.approx((0.13 + 0.93) / 2, abs=1e-12)
+    assert E.metrics(p, y)["ece"] == pytest.approx(0.4, abs=1e-12)
+    one = E.reliability(p, y, n_bins=1)
+    assert one["count"] == [2] and one["edges"] == [0.0, 1.0]
+    q, t = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]), torch.tensor([1, 1, 1])
+    assert E.ece(q, t, n_bins=1) == pytest.approx(abs(1 / 3 - (0.9 + 0.7 + 0.6) / 3), abs=1e-6)
+    zero = E.reliability(torch.zeros(1, 2), torch.tensor([0]), n_bins=4)
+    assert zero["count"] == [1, 0, 0, 0]
+    assert E.ece(q[:1], t[:1], n_bins=2) == pytest.approx(0.9)  # one wrong prediction at 0.9
+
+
+def test_two_members_disagree_and_diverge():
+    a = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    b = torch.tensor([[0.1, 0.9], [0.2, 0.8]])
+    assert E.mean_disagreement([a, b]) == 0.5
+    # KL(a‖b) on row 1: 0.9 log 9 + 0.1 log(1/9) = 0.8 log 9; row 2: 0; symmetric here
+    assert E.mean_kl_diversity([a, b]) == pytest.approx(0.8 * np.log(9) / 2, rel=1e-6)
+
+
+class _Const(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], 2)
+
+
+def test_members_hook_steps_defaults_and_validation():
+    x, model = torch.zeros(3, 1), _Const()
+    taken = []
+    for kw in (dict(every=3, start=2), dict(every=2), dict(every=1)):
+        m = E.Members(x, **kw)
+        hook = m.hook()
+        for step in range(1, 10):
+            hook(step, model, None)
+        taken.append(m.when)
+    assert taken == [[2, 5, 8], [1, 3, 5, 7, 9], list(range(1, 10))]
+    assert m.weights == []  # keep_weights defaults to False
+    assert m.probs[0].shape == (3, 2)
+    for kw in (dict(every=True), dict(every=2.0), dict(every=0)):
+        with pytest.raises(ValueError, match="^every must be a positive integer"):
+            E.Members(x, **kw)
+    for start in (True, 2.0, 0):
+        with pytest.raises(ValueError, match="^start must be a positive integer"):
+            E.Members(x, every=1, start=start)
+    with pytest.raises(ValueError, match="^say when to take members: exactly one of"):
+        E.Members(x)
+    with pytest.raises(ValueError, match=r"^these members are taken at steps: use \.hook\(\)"):
+        E.Members(x, every=1).callback()
+    with pytest.raises(ValueError, match=r"^these members are taken at epochs: use \.callback\(\)"):
+        E.Members(x, epochs=[1]).hook()
+
+
+def test_fge_members_with_the_shortest_cycle_keep_their_arguments():
+    x = torch.zeros(2, 1)
+    m = E.Members.fge(x, cycle=2, steps_per_epoch=1, keep_weights=True)  # a period of 2 steps
+    assert m.x is x and m.every == 2 and m.start == 1 and m.keep_weights
+    with pytest.raises(ValueError, match="whole number"):
+        E.Members.fge(x, cycle=1, steps_per_epoch=1)

@@ -412,12 +412,21 @@ def barrier(alphas, values) -> float:
 
 
 def nonconvex_fraction(surface: Surface, rel: float = 0.05) -> float:
-    """Share of interior grid points where the surface is locally non-convex.
+    """Share of interior grid points where the 2-D slice is locally non-convex.
 
-    At each interior point the 2×2 Hessian of ``f(α, β)`` is estimated by central finite
-    differences (``f_αα, f_ββ, f_αβ`` on the grid spacing); the point counts as non-convex when
-    ``λ_min < −rel·|λ_max|`` (Li et al. map ``|λ_min/λ_max|`` with Lanczos; this is the grid
-    version of the same test).
+    At each interior point the 2×2 Hessian of ``f(α, β) = L(θ + αδ + βη)`` is estimated by
+    central finite differences (``f_αα, f_ββ, f_αβ`` on the grid spacing); the point counts as
+    non-convex when that 2×2 matrix has ``λ_min < −rel·|λ_max|``.
+
+    This is *not* the test Li et al. map. They compute the extreme eigenvalues of the full
+    Hessian ``∇²L`` at each point of the plane (Lanczos) and plot ``|λ_min/λ_max|``. The slice's
+    Hessian is the restriction ``Dᵀ ∇²L D`` of the full one to the plane (``D = [δ, η]``): a
+    negative eigenvalue of it is a direction of negative curvature of ``L``, so a point counted
+    here is non-convex in the full space as well, but ``∇²L`` can have negative curvature off
+    the plane that the slice does not see, and the 2×2 ratio is not the full ratio. For
+    ``rel ≥ 0`` the fraction is therefore only a **lower bound** of the share of points with
+    ``λ_min(∇²L) < 0`` (up to the finite-difference error at the scale of the grid spacing, which
+    measures curvature averaged over one grid step, not at a point).
     """
     f = np.asarray(surface.loss, dtype=np.float64)
     if f.shape[0] < 3 or f.shape[1] < 3:

@@ -286,3 +286,22 @@ def test_a_process_group_without_torch_distributed_is_an_error():
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         landscape.line(net, w, w, [0.0, 1.0], torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
                        group=object())
+
+
+def test_nonconvex_fraction_is_a_lower_bound_of_the_full_hessian_test():
+    """L(θ) = ½ θᵀ diag(1, 2, −3) θ has negative curvature everywhere (λ_min(∇²L) = −3), but a
+    slice through the two positive axes is a convex bowl: the slice test sees 0. A slice that
+    contains the negative axis, even through non-orthogonal, unnormalised directions, sees it
+    at every point (a negative eigenvalue of Dᵀ∇²L D is one of ∇²L's directions)."""
+    hess = np.diag([1.0, 2.0, -3.0])
+    axis = np.linspace(-1, 1, 9)
+    aa, bb = np.meshgrid(axis, axis)
+
+    def slice_of(d1, d2):
+        pts = aa[..., None] * np.asarray(d1) + bb[..., None] * np.asarray(d2)
+        return landscape.Surface(axis, axis, 0.5 * np.einsum("...i,ij,...j->...", pts, hess, pts),
+                                 np.zeros_like(aa))
+
+    assert landscape.nonconvex_fraction(slice_of([1, 0, 0], [0, 1, 0])) == 0.0
+    assert landscape.nonconvex_fraction(slice_of([1, 0, 0], [0, 0, 1])) == 1.0
+    assert landscape.nonconvex_fraction(slice_of([2.0, 0.5, 0.0], [0.3, 0.0, 1.5])) == 1.0

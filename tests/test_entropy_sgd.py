@@ -146,3 +146,75 @@ def test_errors_name_the_valid_ranges():
         SGLD(p, lr=0.0)
     with pytest.raises(ValueError, match="closure"):
         EntropySGD(p).step()
+
+
+# --- exact and boundary cases found by mutation testing (CONTRIBUTING.md, "Mutation testing") ---
+
+def test_gaussian_like_is_the_generator_draw_in_the_tensor_dtype():
+    from landscape_lib.optim.sgld import gaussian_like
+    p = torch.zeros(2, 3, dtype=torch.float64)
+    z = gaussian_like(p, torch.Generator().manual_seed(4))
+    ref = torch.randn((2, 3), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert z.dtype == torch.float64
+    torch.testing.assert_close(z, ref, rtol=0, atol=0)
+
+
+def test_sgld_defaults_and_one_seeded_step():
+    """θ ← θ − lr·(g + λθ) + √(2·lr)·noise·ξ with ξ the generator's draw."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    assert SGLD([w]).defaults == dict(lr=1e-3, noise=1.0, weight_decay=0.0)
+    opt = SGLD([w], lr=0.02, noise=0.5, weight_decay=0.1, generator=torch.Generator().manual_seed(7))
+    w.grad = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    torch.manual_seed(0)
+    opt.step()
+    xi = torch.randn(2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    w0, g = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5, 1.0], dtype=torch.float64)
+    ref = w0 - 0.02 * (g + 0.1 * w0)
+    torch.testing.assert_close(w.detach(), ref + math.sqrt(0.04) * 0.5 * xi, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        SGLD([w], weight_decay=-1.0)
+
+
+def test_entropy_sgd_defaults():
+    w = nn.Parameter(torch.zeros(2))
+    d = EntropySGD([w]).defaults
+    assert d == dict(lr=1.0, L=20, inner_lr=0.1, noise=1e-4, alpha=0.25, gamma0=0.03, gamma1=1e-3,
+                     momentum=0.9, nesterov=True, weight_decay=0.0, t=0)
+    assert isinstance(d["weight_decay"], float)
+    assert EntropySGD([w], L=1, alpha=1.0).defaults["L"] == 1  # L = 1 and α = 1 are allowed
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(lr=0.0), "lr must be a positive number, got 0.0"),
+    (dict(inner_lr=-1.0), "inner_lr (the SGLD step η') must be a positive number, got -1.0"),
+    (dict(noise=-1.0), "noise must be >= 0 (the SGLD noise scale ε; 0 means no noise), got -1.0"),
+    (dict(gamma0=-1.0), "gamma0 must be >= 0 (the scope γ₀), got -1.0"),
+    (dict(gamma1=-1.0), "gamma1 must be >= 0 (the scoping rate γ₁), got -1.0"),
+    (dict(weight_decay=-1.0), "weight_decay must be >= 0, got -1.0"),
+    (dict(alpha=1.5), "alpha must lie in (0, 1], got 1.5"),
+    (dict(L=0), "L (SGLD steps per outer step) must be an integer >= 1, got 0"),
+])
+def test_entropy_sgd_rejects_each_bad_argument_by_name(kw, message):
+    import re
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        EntropySGD([nn.Parameter(torch.zeros(2))], **kw)
+
+
+def test_entropy_sgd_noise_comes_from_its_generator():
+    """Two runs from one seed give the same weights, whatever the global RNG does between."""
+    def run(global_seed):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.tensor([1.0, -1.0]))
+        opt = EntropySGD([w], L=2, noise=0.1, generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(global_seed)
+
+        def closure():
+            opt.zero_grad()
+            loss = (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return w.detach().clone()
+
+    torch.testing.assert_close(run(1), run(2), rtol=0, atol=0)

@@ -4,6 +4,8 @@ References: a dense projection built from the constraint's Jacobian (autograd), 
 ``parametrizations.orthogonal`` (QR with diag R > 0) and SciPy's polar decomposition, PyTorch's
 SGD, and the analytic Gibbs measures on a circle (von Mises, arcsine)."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -250,3 +252,60 @@ def test_trains_through_fit_and_forks(mnist1d):
     xi = opt.state[model.fc1.weight]["xi"]
     assert f.optimizer.state[f.model.fc1.weight]["xi"] is not xi
     torch.testing.assert_close(f.optimizer.state[f.model.fc1.weight]["xi"], xi)
+
+
+# --- exact and boundary cases found by mutation testing (CONTRIBUTING.md, "Mutation testing") ---
+
+def _one_free_step(seed=5, **kw):
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = ConstrainedLangevin([w], generator=torch.Generator().manual_seed(seed), **kw)
+    w.grad = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    torch.manual_seed(0)
+    opt.step()
+    xi = torch.randn(2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64), w.grad, xi
+
+
+@pytest.mark.parametrize("dynamics,momentum,factor", [
+    ("overdamped", 0.9, 2.0),   # θ − lr g + √(2 lr τ) ξ
+    ("underdamped", 0.0, 1.0),  # no momentum: θ − lr g + √(lr τ) ξ
+])
+def test_unconstrained_noisy_step_without_momentum_is_hand_computed(dynamics, momentum, factor):
+    lr, tau = 0.1, 0.5
+    w, w0, g, xi = _one_free_step(lr=lr, momentum=momentum, temperature=tau, dynamics=dynamics)
+    torch.testing.assert_close(w, w0 - lr * g + math.sqrt(factor * lr * tau) * xi, rtol=1e-12, atol=1e-12)
+
+
+def test_unconstrained_noisy_momentum_step_is_hand_computed():
+    """First step: b = g + √((1 − μ²) τ / lr) ξ, θ ← θ − lr b."""
+    lr, mu, tau = 0.1, 0.6, 0.5
+    w, w0, g, xi = _one_free_step(lr=lr, momentum=mu, temperature=tau)
+    torch.testing.assert_close(w, w0 - lr * (g + math.sqrt((1 - mu * mu) * tau / lr) * xi),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_constrained_langevin_defaults_monitor_and_messages():
+    w = nn.Parameter(torch.zeros(2))
+    opt = ConstrainedLangevin([w])
+    assert opt.defaults["lr"] == 0.1 and opt.defaults["temperature"] == 0.0
+    assert opt.max_residual() == 0.0  # no constrained parameter
+    s = nn.Parameter(torch.tensor([3.0, 4.0, 0.0]))
+    ConstrainedLangevin([s], constraint="sphere", radius=2.0)
+    torch.testing.assert_close(s.detach(), torch.tensor([1.2, 1.6, 0.0]))  # projected onto r = 2
+    s.grad = torch.tensor([float("inf"), 0.0, 0.0])
+    opt = ConstrainedLangevin([s], constraint="sphere", radius=2.0)
+    with pytest.raises(train.Diverged, match=r"^ConstrainedLangevin diverged at step 1, param group 0"):
+        opt.step()
+
+
+def test_constrained_groups_keys_radius_function_and_options():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    radii = {"0.weight": 1.5, "2.weight": 2.5}
+    groups = constrained_groups(model, "sphere", radius=lambda name, p: radii[name], lr=0.05)
+    assert [g["name"] for g in groups] == ["0.weight", "2.weight", "unconstrained"]
+    assert [g.get("radius") for g in groups[:2]] == [1.5, 2.5]
+    assert groups[-1]["constraint"] is None and len(groups[-1]["params"]) == 2
+    assert all(g["lr"] == 0.05 for g in groups)
+    with pytest.raises(ValueError, match=r"valid names: 0\.bias, 0\.weight, 2\.bias, 2\.weight$"):
+        constrained_groups(model, "sphere", skip=("nope",))

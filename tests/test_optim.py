@@ -126,3 +126,17 @@ def test_bad_hyperparameters_are_rejected():
         Padam(p, lr=0.0)
     with pytest.raises(ValueError, match="betas"):
         Padam(p, betas=(1.0, 0.999))
+
+
+# --- exact and boundary cases found by mutation testing (CONTRIBUTING.md, "Mutation testing") ---
+
+def test_padam_defaults_and_boundaries():
+    w = torch.nn.Parameter(torch.zeros(2))
+    d = Padam([w]).defaults
+    assert (d["lr"], d["weight_decay"], d["amsgrad"], d["partial"]) == (0.1, 0.0, True, 0.125)
+    Padam([w], betas=(0.0, 0.0))  # β = 0 is allowed
+    for betas in ((0.9, 1.0), (0.9, 1.5)):
+        with pytest.raises(ValueError, match="betas must lie in"):
+            Padam([w], betas=betas)
+    with pytest.raises(ValueError, match="eps and weight_decay must be >= 0"):
+        Padam([w], eps=-1.0)

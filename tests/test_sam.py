@@ -224,3 +224,25 @@ def test_errors_name_the_valid_choices():
         SAM(nn.Linear(2, 2), torch.optim.SGD, rho=0.1, lr=0.1, perturb="norm")
     with pytest.raises(ValueError, match="closure"):
         SAM(model, torch.optim.SGD, rho=0.1, lr=0.1).step()
+
+
+# --- exact and boundary cases found by mutation testing (CONTRIBUTING.md, "Mutation testing") ---
+
+def test_sam_param_counts_by_hand_with_a_shared_norm_layer():
+    bn = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(3, 4), bn, nn.ReLU(), bn, nn.Linear(4, 2))  # bn used twice
+    assert [p.shape for p in norm_parameters(model)] == [(4,), (4,)]
+    # 3·4 + 4 + 4·2 + 2 = 26 outside the norm layer, 4 + 4 inside it
+    assert sam_param_counts(model) == {"all": 34, "norm": 8, "no-norm": 26}
+
+
+def test_sam_defaults_zero_grad_and_closure_message():
+    w = nn.Parameter(torch.ones(2))
+    opt = SAM([w], lr=0.1)
+    assert opt.defaults["rho"] == 0.05 and opt.defaults["eta"] == 0.01
+    assert opt.base_optimizer.defaults["lr"] == 0.1
+    w.grad = torch.ones(2)
+    opt.zero_grad()
+    assert w.grad is None  # set_to_none=True by default
+    with pytest.raises(ValueError, match=r"^SAM needs a closure \(zero_grad, forward, backward"):
+        opt.step()

@@ -74,6 +74,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import directions as D
 from . import params as P
+from .train import cross_entropy
 
 BN_MODES = ("eval", "train")
 WHICH = ("LA", "SA", "LM")
@@ -312,7 +313,7 @@ class HVPOperator:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 loss_fn: LossFn = F.cross_entropy, *, weights: Weights | None = None,
+                 loss_fn: LossFn = cross_entropy, *, weights: Weights | None = None,
                  chunk_size: int | None = None, bn: str = "eval", weight_decay: float = 0.0,
                  mode: str = "auto", cache_limit: int | None = None):
         _choice(bn, BN_MODES, "bn mode")
@@ -951,7 +952,7 @@ def _unit_sphere(w: Weights, generator: torch.Generator | None) -> "OrderedDict[
 
 
 def random_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float,
-                     n_samples: int = 10, *, loss_fn: LossFn = F.cross_entropy,
+                     n_samples: int = 10, *, loss_fn: LossFn = cross_entropy,
                      weights: Weights | None = None, filter_normalized: bool = False,
                      bn: str = "eval", generator: torch.Generator | None = None) -> Sharpness:
     """Average rise ``(1/S) Σ_s L(θ + ρu_s) − L(θ)``.
@@ -977,7 +978,7 @@ def random_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: fl
 
 def worst_case_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float,
                          steps: int = 10, *, step_size: float = 0.5,
-                         loss_fn: LossFn = F.cross_entropy, weights: Weights | None = None,
+                         loss_fn: LossFn = cross_entropy, weights: Weights | None = None,
                          bn: str = "eval", generator: torch.Generator | None = None) -> Sharpness:
     """``max_{‖ε‖≤ρ} L(θ + ε) − L(θ)``, approximated from below by projected gradient ascent.
 

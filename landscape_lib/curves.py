@@ -334,7 +334,7 @@ class CurveStats:
 @torch.no_grad()
 def evaluate(curve: Curve, ts, x_train: torch.Tensor, y_train: torch.Tensor,
              x_test: torch.Tensor, y_test: torch.Tensor, *, bn_data: torch.Tensor | None = None,
-             loss_fn: LossFn = F.cross_entropy, batch_size: int = 4096) -> CurveStats:
+             loss_fn: LossFn = train.cross_entropy, batch_size: int = 4096) -> CurveStats:
     """Loss and accuracy at each ``t`` in ``ts`` on train and test data.
 
     For models with BatchNorm the running statistics are re-estimated at every ``φ(t)`` on

@@ -42,11 +42,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
 from . import params as P
+from .train import cross_entropy
 
 BN_MODES = ("keep", "recompute")
 STRATEGIES = ("auto", "loop", "vmap")
@@ -125,7 +125,7 @@ class Points:
 
 def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
              coeffs: np.ndarray, x: torch.Tensor, y: torch.Tensor, *,
-             loss_fn: LossFn = F.cross_entropy, bn: str = "keep", bn_data: torch.Tensor | None = None,
+             loss_fn: LossFn = cross_entropy, bn: str = "keep", bn_data: torch.Tensor | None = None,
              strategy: str = "auto", chunk_size: int | None = None, group="auto") -> Points:
     """Loss and accuracy at ``center + Σ_i coeffs[p, i]·directions[i]`` for every row ``p``.
 
@@ -344,7 +344,7 @@ def plane(model: nn.Module, center: Weights, d1: Weights, d2: Weights, alphas, b
 
 @torch.no_grad()
 def states(model: nn.Module, points: Sequence[Mapping[str, torch.Tensor]], x: torch.Tensor,
-           y: torch.Tensor, *, loss_fn: LossFn = F.cross_entropy, bn: str = "keep",
+           y: torch.Tensor, *, loss_fn: LossFn = cross_entropy, bn: str = "keep",
            bn_data: torch.Tensor | None = None) -> Points:
     """Loss and accuracy at arbitrary weight dicts (which may carry buffers too).
 

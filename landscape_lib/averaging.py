@@ -239,7 +239,7 @@ def periodic_swa(model: nn.Module, data: Dataset, *, make_optimizer: MakeOptimiz
         rec = history.records[-1]
         result.rounds.append({"epoch": rec["epoch"], "acc": rec["avg_acc"], "loss": rec["avg_loss"]})
         result.average = averaged.module
-        if n == period and (len(history) < epochs or restart_last):
+        if len(history) < epochs or restart_last:
             optimizer = restart(model, averaged, make_optimizer, bn_data)
     return result
 

@@ -238,6 +238,32 @@ class _RecordingSGD(torch.optim.SGD):
         return out
 
 
+def test_periodic_swa_ends_on_the_average_of_a_shorter_last_period():
+    """5 epochs in periods of 3: the second period has 2 epochs. With restart_last (the default)
+    the model ends on that period's average, the mean of the epoch-4 and epoch-5 iterates, with
+    BatchNorm statistics recomputed on bn_data (here not the training inputs)."""
+    ds, model = toy_data(), mlp(bn=True)
+    bn_data = ds.x_train[:40] * 2.0 + 1.0
+    made = []
+
+    def make(ps):
+        made.append(_RecordingSGD(ps, lr=0.05))
+        return made[-1]
+
+    res = A.periodic_swa(model, ds, make_optimizer=make, epochs=5, period=3, batch_size=32, bn_data=bn_data,
+                         eval_every=0, generator=torch.Generator().manual_seed(0))
+    assert [r["epoch"] for r in res.rounds] == [3, 5]
+    assert len(made) == 3  # the first optimizer, the restart after epoch 3 and the one at the end
+    ends = made[1].after_step  # 2 epochs × 3 steps after the restart
+    assert len(ends) == 6
+    torch.testing.assert_close(vec(model), (ends[2] + ends[5]) / 2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vec(res.average), vec(model), rtol=0, atol=0)
+    with torch.no_grad():
+        pre = model[0](bn_data)
+    torch.testing.assert_close(model[1].running_mean, pre.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, pre.var(0, unbiased=True), rtol=1e-10, atol=1e-12)
+
+
 def test_multi_round_swa_counts_rounds():
     """Three rounds of two epochs (3 steps each): every round's optimizer is created at the
     mean of the previous round's two epoch-end iterates (each round restarts from the previous

@@ -163,7 +163,7 @@ def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
         if how == "vmap":
             try:
                 return _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn,
-                                      chunk_size or 256)
+                                      256 if chunk_size is None else chunk_size)
             except _VmapUnsupported as err:
                 warnings.warn(f"torch.func.vmap cannot batch {type(model).__name__} "
                               f"({str(err.__cause__).splitlines()[0]}); evaluating point by point "

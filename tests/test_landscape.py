@@ -305,3 +305,182 @@ def test_nonconvex_fraction_is_a_lower_bound_of_the_full_hessian_test():
     assert landscape.nonconvex_fraction(slice_of([1, 0, 0], [0, 1, 0])) == 0.0
     assert landscape.nonconvex_fraction(slice_of([1, 0, 0], [0, 0, 1])) == 1.0
     assert landscape.nonconvex_fraction(slice_of([2.0, 0.5, 0.0], [0.3, 0.0, 1.5])) == 1.0
+
+
+def test_vmap_cannot_batch_reads_the_three_messages():
+    yes = ["vmap: It looks like you're calling .item() on a Tensor",
+           "Batching rule not implemented for aten::nonzero",
+           "aten::foo does not yet have a batching rule"]
+    for msg in yes:
+        assert landscape._vmap_cannot_batch(RuntimeError(msg)), msg
+    for err in [RuntimeError("mat1 and mat2 shapes cannot be multiplied (vmap: no)"),
+                RuntimeError("batching rule not implemented"), ValueError("vmap: x"),
+                RuntimeError("VMAP: x")]:
+        assert not landscape._vmap_cannot_batch(err), err
+
+
+def test_resolve_strategy_per_device():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert landscape.resolve_strategy("auto", cuda, "keep") == "vmap"
+    assert landscape.resolve_strategy("auto", cpu, "keep") == "loop"
+    assert landscape.resolve_strategy("vmap", cpu, "keep") == "vmap"
+    assert landscape.resolve_strategy("loop", cuda, "keep") == "loop"
+    assert landscape.resolve_strategy("auto", cuda, "recompute") == "loop"
+    assert landscape.resolve_strategy("loop", cuda, "recompute") == "loop"
+    with pytest.raises(ValueError) as err:
+        landscape.resolve_strategy("vmap", cuda, "recompute")
+    assert str(err.value) == ("bn='recompute' runs the model in train mode at every point and needs "
+                              "strategy 'loop' (or 'auto')")
+
+
+def test_grid_of_one_point_and_coefficients_as_floats(problem):
+    np.testing.assert_array_equal(landscape.grid(2.0, 1), [-2.0])
+    net, w, d1, d2, x, y = problem
+    ln = landscape.line(net, w, d1, [[0, 1]], x, y)  # ints, nested: a flat float axis
+    assert ln.alphas.dtype == np.float64 and ln.alphas.tolist() == [0.0, 1.0] and ln.loss.shape == (2,)
+    s = landscape.plane(net, w, d1, d2, [0, 1], [-1, 0, 1], x, y)
+    assert s.alphas.tolist() == [0.0, 1.0] and s.betas.tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_exact_error_messages(problem):
+    net, w, d1, d2, x, y = problem
+    cases = [
+        (lambda: landscape.line(net, w, d1, [], x, y), "alphas is empty: a grid needs at least one point"),
+        (lambda: landscape.line(net, w, d1, [0.0, np.inf], x, y), "alphas contains non-finite values"),
+        (lambda: landscape.plane(net, w, d1, d2, [], [0.0], x, y), "alphas is empty: a grid needs at least one point"),
+        (lambda: landscape.plane(net, w, d1, d2, [0.0], [], x, y), "betas is empty: a grid needs at least one point"),
+        (lambda: landscape.plane(net, w, d1, d2, [0.0], [np.nan], x, y), "betas contains non-finite values"),
+        (lambda: landscape.plane(net, w, d1, d2, [np.nan], [0.0], x, y), "alphas contains non-finite values"),
+        (lambda: landscape.evaluate(net, w, [d1], np.zeros(3), x, y),
+         "coeffs must have shape [points, 1], got (3,)"),
+        (lambda: landscape.evaluate(net, w, [d1, d2], np.zeros((3, 1)), x, y),
+         "coeffs must have shape [points, 2], got (3, 1)"),
+        (lambda: landscape.evaluate(net, w, [d1], np.zeros((0, 1)), x, y),
+         "no points to evaluate: a grid needs at least one point"),
+        (lambda: landscape.line(net, w, d1, [0.0], x, y, bn="recompute"),
+         "bn='recompute' needs bn_data (training inputs to re-estimate statistics)"),
+        (lambda: landscape.states(net, [w], x, y, bn="recompute"),
+         "bn='recompute' needs bn_data (training inputs to re-estimate statistics)"),
+        (lambda: landscape.states(net, [w], x, y, bn="train"),
+         "unknown bn mode 'train'; valid bn modes: keep, recompute"),
+        (lambda: landscape.line(net, w, d1, [0.0], x, y, strategy="gpu"),
+         "unknown strategy 'gpu'; valid strategies: auto, loop, vmap"),
+        (lambda: landscape.line(net, w, d1, [0.0], x, y, group=object()),
+         "a process group was given but torch.distributed is not initialised (call "
+         "torch.distributed.init_process_group, e.g. under torchrun)"),
+        (lambda: landscape.line(net, w, d1, [0.0], x, y, strategy="vmap", chunk_size=0),
+         "chunk_size must be >= 1, got 0"),
+        (lambda: landscape.max_rise([]), "empty path"),
+        (lambda: landscape.is_monotone([1.0], tol=-1e-9), "tolerance must be non-negative, got -1e-09"),
+        (lambda: landscape.barrier([0.0, 0.5, 1.0], [1.0, 2.0]),
+         "barrier needs matching alphas and values with at least two points"),
+        (lambda: landscape.barrier([0.0], [1.0]),
+         "barrier needs matching alphas and values with at least two points"),
+        (lambda: landscape.barrier([0.0, 0.5, 0.9], [1.0, 2.0, 1.0]),
+         "barrier needs the endpoints α = 0 and α = 1 among the alphas"),
+        (lambda: landscape.barrier([0.0, 0.5, 1.0 + 2e-9], [1.0, 2.0, 1.0]),
+         "barrier needs the endpoints α = 0 and α = 1 among the alphas"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message, message
+    nope = {f"nope{i}": torch.zeros(2) for i in range(6)}  # six bad keys: the message names five
+    with pytest.raises(KeyError) as err:
+        landscape.line(net, w, {**d1, **nope}, [0.0], x, y)
+    assert err.value.args[0] == "direction has keys the centre lacks: ['nope0', 'nope1', 'nope2', 'nope3', 'nope4']"
+    with pytest.raises(KeyError) as err:
+        landscape.line(net, {**w, **nope}, d1, [0.0], x, y)
+    assert err.value.args[0] == ("the centre has keys that are not parameters or buffers of the model: "
+                                 "['nope0', 'nope1', 'nope2', 'nope3', 'nope4']; valid names include "
+                                 "['fc1.weight', 'fc1.bias', 'bn1.weight', 'bn1.bias', 'fc2.weight']")
+    bogus = {**w, "nope.weight": torch.zeros(2)}
+    with pytest.raises(KeyError, match=r"the centre has keys that are not parameters or buffers of the "
+                                       r"model: \['nope.weight'\]; valid names include \['fc1.weight', 'fc1.bias'"):
+        landscape.line(net, bogus, d1, [0.0], x, y)
+
+
+def test_shape_summaries_at_their_boundaries():
+    assert landscape.max_rise([2.0]) == 0.0
+    assert landscape.is_monotone([1.0, 1.0, 0.5], tol=0.0)  # equal steps are allowed at tol = 0
+    assert landscape.is_monotone([1.0, 1.25], tol=0.25) and not landscape.is_monotone([1.0, 1.5], tol=0.25)
+    assert landscape.barrier([0.0, 1.0], [1.0, 3.0]) == 0.0  # the two endpoints only
+    # endpoints found within 1e-9 of 0 and 1
+    assert landscape.barrier([1e-9, 0.5, 1.0], [1.0, 5.0, 1.0]) == pytest.approx(4.0, rel=1e-6)
+    assert landscape.barrier([0.0, 0.5, 1.0 - 1e-9], [1.0, 5.0, 1.0]) == pytest.approx(4.0, rel=1e-6)
+    axis = np.linspace(-1, 1, 3)
+    aa, bb = np.meshgrid(axis, axis)
+    # the smallest grid: one interior point
+    assert landscape.nonconvex_fraction(landscape.Surface(axis, axis, aa ** 2 - bb ** 2, aa)) == 1.0
+    for rows, cols in [(2, 3), (3, 2), (2, 2)]:
+        with pytest.raises(ValueError, match="^non-convex fraction needs a grid of at least 3×3 points$"):
+            landscape.nonconvex_fraction(landscape.Surface(np.linspace(-1, 1, cols), np.linspace(-1, 1, rows),
+                                                           np.zeros((rows, cols)), np.zeros((rows, cols))))
+    # α² alone: λ_min = 0 exactly, on the boundary of rel = 0 (not counted), counted below it
+    axis = np.linspace(-1, 1, 5)
+    aa, bb = np.meshgrid(axis, axis)
+    valley = landscape.Surface(axis, axis, aa ** 2, aa)
+    assert landscape.nonconvex_fraction(valley, rel=0.0) == 0.0
+    assert landscape.nonconvex_fraction(valley, rel=-1e-6) == 1.0
+
+
+def test_three_directions_and_the_line_and_plane_keep_their_axes(problem):
+    """Three directions (the prefix sum then holds two), coefficients that revisit a prefix,
+    and ones that are zero: every point equals the reference."""
+    net, w, d1, d2, x, y = problem
+    d3 = directions.random(w, generator=torch.Generator().manual_seed(7))
+    coeffs = np.array([[0.5, -0.5, 0.3], [0.5, -0.5, 0.0], [0.5, 0.2, 0.3], [0.0, 0.2, 0.3],
+                       [0.0, 0.0, 0.0], [0.5, -0.5, -1.0], [-1.0, -0.5, 0.3]])
+    pts = landscape.evaluate(net, w, [d1, d2, d3], coeffs, x, y, strategy="loop")
+    for p, (a, b, c) in enumerate(coeffs):
+        loss, acc = _manual(net, {k: w[k] + a * d1[k] + b * d2[k] + c * d3[k] for k in w}, x, y)
+        assert pts.loss[p] == pytest.approx(loss, rel=1e-5) and pts.acc[p] == pytest.approx(acc)
+    ln = landscape.line(net, w, d1, [0.25, -0.5], x, y)
+    np.testing.assert_array_equal(ln.alphas, [0.25, -0.5])
+    s = landscape.plane(net, w, d1, d2, [0.25], [-0.5, 0.5], x, y,
+                        loss_fn=lambda out, t: F.cross_entropy(out, t) * 0 + 1.5)
+    np.testing.assert_array_equal(s.alphas, [0.25])
+    np.testing.assert_array_equal(s.betas, [-0.5, 0.5])
+    np.testing.assert_array_equal(s.loss, [[1.5], [1.5]])  # the keyword reached evaluate
+
+
+def test_tied_weights_and_shared_buffers_given_by_a_state_dict():
+    """A centre taken from ``state_dict`` names a weight shared by two layers (and a BatchNorm
+    used twice) under both names: every name is a slot of the model, and the point equals
+    ``load_state_dict`` of that dict."""
+    torch.manual_seed(0)
+    lin1, lin2, bn = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+    lin2.weight = lin1.weight
+    net = torch.nn.Sequential(lin1, bn, torch.nn.Tanh(), lin2, bn).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+    x, y = torch.randn(30, 4), torch.randint(0, 4, (30,))
+    center = {k: v.clone() for k, v in net.state_dict().items()}
+    assert "3.weight" in center and "4.running_mean" in center
+    # (an alias moved by two different directions would be ambiguous: only unshared names move)
+    d = {k: torch.randn(v.shape) for k, v in center.items() if k in ("0.bias", "3.bias", "0.weight")}
+    ln = landscape.line(net, center, d, [0.0, 0.5], x, y, strategy="loop")
+    for i, a in enumerate([0.0, 0.5]):
+        point = {k: v + a * d[k] if k in d else v for k, v in center.items()}
+        point["3.weight"] = point["0.weight"]  # one tensor: it moves in both layers
+        assert ln.loss[i] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-6)
+    assert ln.loss[1] != ln.loss[0]
+
+
+@pytest.mark.parametrize("cls,reason", [(_Branchy, "data-dependent control flow"), (_MaskedMean, "dynamic shape")])
+def test_vmap_strategy_runs_vmap_and_warns_when_it_falls_back(cls, reason):
+    """The fallback is announced (the warning's origin is checked in the test above, which the
+    mutation run deselects): so ``strategy='vmap'`` did try ``vmap``."""
+    torch.manual_seed(0)
+    net = cls().eval()
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    w = params.weights(net)
+    d = directions.random(w, norm="none", generator=torch.Generator().manual_seed(1))
+    with pytest.warns(landscape.VmapFallbackWarning, match=rf"torch.func.vmap cannot batch {cls.__name__} "
+                                                          r"\(.*\); evaluating point by point \(strategy='loop'\)") as rec:
+        ln = landscape.line(net, w, d, [0.0, 1.0], x, y, strategy="vmap")
+    assert len(rec) == 1 and reason in str(rec[0].message)
+    assert ln.loss[0] == pytest.approx(_manual(net, w, x, y)[0], rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", landscape.VmapFallbackWarning)
+        landscape.line(net, w, d, [0.0, 1.0], x, y, strategy="loop")  # no vmap, no warning

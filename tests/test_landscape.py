@@ -404,6 +404,7 @@ def test_shape_summaries_at_their_boundaries():
     assert landscape.max_rise([2.0]) == 0.0
     assert landscape.is_monotone([1.0, 1.0, 0.5], tol=0.0)  # equal steps are allowed at tol = 0
     assert landscape.is_monotone([1.0, 1.25], tol=0.25) and not landscape.is_monotone([1.0, 1.5], tol=0.25)
+    assert landscape.is_monotone([1.0, 1.0009]) and not landscape.is_monotone([1.0, 1.0011])  # tol 1e-3
     assert landscape.barrier([0.0, 1.0], [1.0, 3.0]) == 0.0  # the two endpoints only
     # endpoints found within 1e-9 of 0 and 1
     assert landscape.barrier([1e-9, 0.5, 1.0], [1.0, 5.0, 1.0]) == pytest.approx(4.0, rel=1e-6)

@@ -123,12 +123,17 @@ class Curve(nn.Module):
         if len(endpoints) < 2:
             raise ValueError(f"a curve needs at least two endpoints, got {len(endpoints)}")
         names = [n for n, p in model.named_parameters() if p.requires_grad]
+        first = None
         for e in endpoints:
             missing, extra = set(names) - set(e), set(e) - set(names)
             if missing or extra:
                 raise ValueError(f"endpoint keys do not match the model's parameters: missing "
                                  f"{sorted(missing)[:5]}, unknown {sorted(extra)[:5]}")
-            P.keys_like(OrderedDict((k, e[k]) for k in names), endpoints[0])
+            # Keys are matched by name, in the model's order: an endpoint may list them in any
+            # order (the shapes are compared with the first endpoint's, also in that order).
+            ordered = OrderedDict((k, e[k]) for k in names)
+            first = ordered if first is None else first
+            P.keys_like(ordered, first)
         self.kind, self.n_bends, self.names = kind, n_bends, names
         self.generator = generator
         # The template is not a submodule: its tensors must not show up in curve.parameters().
@@ -210,7 +215,7 @@ class Curve(nn.Module):
         w = self.weights(t)
         self.last_t, self.last_weights = float(t), w
         self.template.train(self.training)
-        return functional_call(self.template, (w,), (x,), tie_weights=False, strict=False)
+        return functional_call(self.template, (w,), (x,), tie_weights=True, strict=False)
 
     def penalty(self, weight_decay: float) -> torch.Tensor:
         """``½·wd·‖φ(t)‖²`` at the ``t`` of the last forward pass (the point, not the bends)."""

@@ -6,6 +6,7 @@ recomputed independently with torch's ``swa_utils.update_bn`` at hand-built poin
 """
 import copy
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -97,6 +98,53 @@ def test_more_than_two_endpoints_polychain_passes_through_all():
     for t, w_ref in ((0.0, ws[0]), (0.5, ws[1]), (1.0, ws[2])):
         w = curve.weights(t)
         assert all(torch.equal(w[k], w_ref[k]) for k in w)
+
+
+class _Tied(nn.Module):
+    """A linear autoencoder whose decoder reuses the encoder's weight: one shared parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(3, 3, bias=False)
+        self.dec = nn.Linear(3, 3, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+def test_a_tied_weight_takes_the_point_of_the_curve_in_both_layers():
+    torch.manual_seed(0)
+    ma, mb = _Tied(), _Tied()
+    wa, wb = P.weights(ma), P.weights(mb)
+    assert list(wa) == ["enc.weight"]
+    curve = curves.Curve(ma, [wa, wb], kind="polychain", n_bends=0).eval()
+    x = torch.randn(4, 3)
+    for t in (0.25, 1.0):
+        w = (1 - t) * wa["enc.weight"] + t * wb["enc.weight"]
+        with torch.no_grad():
+            assert torch.allclose(curve(x, t), x @ w.T @ w.T, atol=1e-6)
+            assert torch.allclose(curve.model_at(t)(x), x @ w.T @ w.T, atol=1e-6)
+
+
+def _reversed(w):
+    return OrderedDict(reversed(list(w.items())))
+
+
+def test_endpoint_dicts_may_list_the_keys_in_any_order():
+    ma, _, wa, wb = _pair()
+    ordered = curves.Curve(ma, [wa, wb], n_bends=1)
+    for ends in ([_reversed(wa), wb], [wa, _reversed(wb)], [_reversed(wa), _reversed(wb)]):
+        curve = curves.Curve(ma, ends, n_bends=1)
+        assert curve.names == list(wa)
+        for t, w_ref in ((0.0, wa), (1.0, wb)):
+            assert all(torch.equal(curve.weights(t)[k], w_ref[k]) for k in wa)
+        w, w_ordered = curve.weights(0.3), ordered.weights(0.3)
+        assert list(w) == list(w_ordered) and all(torch.equal(w[k], w_ordered[k]) for k in w)
+    bad = _reversed(wb)
+    bad["fc1.weight"] = torch.zeros(8, 5)
+    with pytest.raises(ValueError, match=r"shape mismatch for fc1.weight: \(8, 5\) vs \(8, 6\)"):
+        curves.Curve(ma, [_reversed(wa), bad])
 
 
 def test_plane_contains_a_one_bend_curve():

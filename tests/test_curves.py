@@ -6,6 +6,7 @@ recomputed independently with torch's ``swa_utils.update_bn`` at hand-built poin
 """
 import copy
 import math
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -100,6 +101,168 @@ def test_more_than_two_endpoints_polychain_passes_through_all():
         assert all(torch.equal(w[k], w_ref[k]) for k in w)
 
 
+def _msg(text):
+    """The whole error message, literally (a prefix or suffix added to it does not match)."""
+    return "^" + re.escape(text) + "$"
+
+
+def test_coefficients_by_hand_at_the_ends_the_middle_and_the_knots():
+    assert curves.bezier_coefficients(0.0, 3) == [1.0, 0.0, 0.0]
+    assert curves.bezier_coefficients(1.0, 3) == [0.0, 0.0, 1.0]
+    assert curves.bezier_coefficients(0.5, 3) == [0.25, 0.5, 0.25]
+    assert curves.bezier_coefficients(0.5, 5) == [0.0625, 0.25, 0.375, 0.25, 0.0625]
+    assert curves.bezier_coefficients(0.25, 2) == [0.75, 0.25]
+    assert curves.polychain_coefficients(0.0, 3) == [1.0, 0.0, 0.0]
+    assert curves.polychain_coefficients(0.5, 3) == [0.0, 1.0, 0.0]
+    assert curves.polychain_coefficients(1.0, 3) == [0.0, 0.0, 1.0]
+    assert curves.polychain_coefficients(0.25, 3) == [0.5, 0.5, 0.0]
+    assert curves.polychain_coefficients(0.625, 5) == [0.0, 0.0, 0.5, 0.5, 0.0]  # n·t = 2.5
+    assert curves.polychain_coefficients(0.75, 5) == [0.0, 0.0, 0.0, 1.0, 0.0]  # on a knot
+    assert curves.polychain_coefficients(0.25, 2) == [0.75, 0.25]
+    assert curves.coefficients("bezier", 0.25, 3) == [0.5625, 0.375, 0.0625]
+    assert curves.coefficients("polychain", 0.25, 3) == [0.5, 0.5, 0.0]
+
+
+def test_coefficients_reject_bad_input_with_the_limits():
+    for f in (curves.bezier_coefficients, curves.polychain_coefficients):
+        with pytest.raises(ValueError, match=_msg("a curve needs at least 2 control points, got 1")):
+            f(0.5, 1)
+        for t in (-0.5, 1.5):
+            with pytest.raises(ValueError, match=_msg(f"t must lie in [0, 1], got {t}")):
+                f(t, 3)
+    with pytest.raises(ValueError, match=_msg("unknown curve kind 'spline'; valid kinds: bezier, polychain")):
+        curves.coefficients("spline", 0.5, 3)
+
+
+def _hand_curve(points, kind="bezier", n_bends=1):
+    """A curve of ``nn.Linear(d, 1, bias=False)`` through the hand-picked weight rows ``points``."""
+    return curves.Curve(nn.Linear(len(points[0]), 1, bias=False),
+                        [{"weight": torch.tensor([p])} for p in points], kind=kind, n_bends=n_bends)
+
+
+def _rows(dicts):
+    return [d["weight"].squeeze(0).tolist() for d in dicts]
+
+
+def test_control_points_of_three_endpoints_with_bends_on_each_segment():
+    curve = _hand_curve([[0.0, 0.0], [3.0, 0.0], [3.0, 6.0]], kind="polychain", n_bends=2)
+    assert curve.n_points == 7 and curve.n_endpoints == 3 and len(list(curve.parameters())) == 4
+    approx = pytest.approx
+    assert _rows(curve.control_points()) == [[0, 0], approx([1, 0]), approx([2, 0]), [3, 0],
+                                             approx([3, 2]), approx([3, 4]), [3, 6]]
+    assert _rows(curve.endpoints()) == [[0, 0], [3, 0], [3, 6]]
+    assert _rows(curve.bend_points()) == [approx([1, 0]), approx([2, 0]), approx([3, 2]), approx([3, 4])]
+    # knots at j/6: t = ¼ is halfway between P_1 and P_2, t = ¾ between P_4 and P_5
+    for t, ref in ((0.25, [1.5, 0.0]), (0.5, [3.0, 0.0]), (0.75, [3.0, 3.0]), (1.0, [3.0, 6.0])):
+        assert _rows([curve.weights(t)]) == [approx(ref)]
+    # the points are copies: changing one changes nothing in the curve
+    curve.control_points()[1]["weight"].zero_()
+    assert _rows(curve.bend_points())[0] == approx([1, 0])
+    # a Bezier curve through three fixed points and no bends: ¼ P_0 + ½ P_1 + ¼ P_2 at t = ½
+    bezier = _hand_curve([[0.0, 0.0], [3.0, 0.0], [3.0, 6.0]], n_bends=0)
+    assert bezier.n_points == 3 and bezier.n_endpoints == 3 and not list(bezier.parameters())
+    assert _rows([bezier.weights(0.5)]) == [[2.25, 1.5]]
+
+
+def test_the_curve_copies_the_endpoints_and_leaves_the_model_alone():
+    ma, _, wa, wb = _pair()
+    wa0 = copy.deepcopy(wa)
+    curve = curves.Curve(ma, [wa, wb])
+    for v in wa.values():
+        v.add_(1.0)
+    w = curve.weights(0.0)
+    assert all(torch.equal(w[k], wa0[k]) for k in w)
+    assert all(p.requires_grad for p in ma.parameters())
+    assert not any(p.requires_grad for p in curve.template.parameters())
+
+
+def test_frozen_parameters_are_not_on_the_curve_and_get_no_gradient():
+    ma, mb = _mlp(0), _mlp(1)
+    for m in (ma, mb):
+        m.fc1.requires_grad_(False)
+    curve = curves.Curve(ma, [P.weights(ma), P.weights(mb)])
+    assert curve.names == ["fc2.weight", "fc2.bias", "out.weight", "out.bias"]
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    F.cross_entropy(curve.train()(x, 0.5), y).backward()
+    assert all(p.grad is not None for p in curve.parameters())
+    assert all(p.grad is None for p in curve.template.parameters())
+    # at t = 1: model b's trainable layers after model a's frozen first layer
+    ref = copy.deepcopy(mb)
+    ref.fc1.load_state_dict(ma.fc1.state_dict())
+    with torch.no_grad():
+        assert torch.equal(curve(x, 1.0), ref(x))
+
+
+def test_random_t_is_drawn_from_the_curves_generator():
+    torch.manual_seed(0)
+    ma, _, wa, wb = _pair()
+    curve = curves.Curve(ma, [wa, wb], generator=torch.Generator().manual_seed(3)).train()
+    assert curve.last_t is None and curve.last_weights is None
+    replay = torch.Generator().manual_seed(3)
+    mid = {k: (wa[k] + wb[k]) / 2 for k in wa}
+    x = torch.randn(2, 6)
+    for _ in range(2):
+        out = curve(x)
+        t = float(torch.rand((), generator=replay))
+        assert curve.last_t == t
+        ref = copy.deepcopy(ma)
+        ref.load_state_dict(_hand_bezier(wa, mid, wb, t))
+        with torch.no_grad():
+            assert torch.allclose(out, ref(x), atol=1e-6)
+
+
+def _line_with_bias():
+    """φ(t) of nn.Linear(2, 1) from w = (1, 2), b = 1 to w = (3, 4), b = 3; φ(½) = (2, 3), 2."""
+    return curves.Curve(nn.Linear(2, 1), [{"weight": torch.tensor([[1.0, 2.0]]), "bias": torch.tensor([1.0])},
+                                          {"weight": torch.tensor([[3.0, 4.0]]), "bias": torch.tensor([3.0])}],
+                        n_bends=0)
+
+
+def test_penalty_and_curve_loss_by_hand():
+    curve = _line_with_bias()
+    with pytest.raises(RuntimeError, match=_msg("call the curve on a batch first: the penalty is taken at its t")):
+        curve.penalty(0.1)
+    x, y = torch.tensor([[1.0, 1.0]]), torch.tensor([[4.0]])
+    out = curve(x, 0.5)  # 2 + 3 + 2
+    assert out.item() == 7.0 and curve.last_t == 0.5
+    assert curve.penalty(0.1).item() == pytest.approx(0.85)  # ½·0.1·(4 + 9 + 4)
+    assert curves.curve_loss(curve, 0.1, F.mse_loss)(out, y).item() == pytest.approx(9.85)  # (7 − 4)² + 0.85
+    assert curves.curve_loss(curve, 0.0, F.mse_loss)(out, y).item() == 9.0
+    # without weight decay the loss is loss_fn alone: no penalty, so no forward pass needed
+    assert curves.curve_loss(_line_with_bias(), 0.0, F.mse_loss)(out, y).item() == 9.0
+    # the default loss is the cross-entropy: two equal logits give log 2
+    assert curves.curve_loss(curve, 0.0)(torch.zeros(1, 2), torch.tensor([0])).item() == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match=_msg("weight_decay must be >= 0, got -0.1")):
+        curves.curve_loss(curve, -0.1)
+
+
+def test_model_at_is_a_trainable_copy_at_the_point():
+    curve = _line_with_bias()
+    m = curve.model_at(0.5)
+    assert m.weight.tolist() == [[2.0, 3.0]] and m.bias.tolist() == [2.0]
+    assert all(p.requires_grad for p in m.parameters())
+    with torch.no_grad():
+        m.weight.zero_()
+    assert curve.model_at(0.5).weight.tolist() == [[2.0, 3.0]]
+    assert not any(p.requires_grad for p in curve.template.parameters())
+
+
+def test_modes_and_dtype_reach_the_template():
+    ma, _, wa, wb = _pair(norm="batch")
+    curve = curves.Curve(ma, [wa, wb])
+    ref = copy.deepcopy(ma)
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        assert curve.eval() is curve and not curve.training and not curve.template.training
+        assert torch.allclose(curve(x, 0.0), ref.eval()(x), atol=1e-6)  # running statistics
+        assert curve.train() is curve and curve.training and curve.template.training
+        assert torch.allclose(curve(x, 0.0), ref.train()(x), atol=1e-6)  # batch statistics
+    assert curve.double() is curve
+    assert all(p.dtype == torch.float64 for p in [*curve.template.parameters(), *curve.parameters()])
+    with torch.no_grad():
+        assert curve.eval()(x.double(), 0.5).dtype == torch.float64
+
+
 class _Tied(nn.Module):
     """A linear autoencoder whose decoder reuses the encoder's weight: one shared parameter."""
 
@@ -166,12 +329,52 @@ def test_plane_contains_a_one_bend_curve():
         curves.plane(curves.Curve(ma, [wa, wb], n_bends=0))
 
 
+def test_plane_and_projection_of_a_hand_made_cubic():
+    curve = _hand_curve([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], n_bends=2)
+    with torch.no_grad():
+        curve.bends[0][0].copy_(torch.tensor([[0.5, 1.0, 0.0]]))
+        curve.bends[1][0].copy_(torch.tensor([[1.5, 0.0, 3.0]]))
+    pl = curves.plane(curve)  # the middle one of two bends: the second
+    assert _rows([pl.origin, pl.u, pl.v]) == [[0, 0, 0], [1, 0, 0], [0, 0, 1]]
+    assert _rows([curves.plane(curve, bend=1).v, curves.plane(curve, bend=0).v]) == [[0, 0, 1], [0, 1, 0]]
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=_msg(f"bend index {bad} out of range 0..1")):
+            curves.plane(curve, bend=bad)
+    # φ(½) = ⅛·0 + ⅜·(½, 1, 0) + ⅜·(1.5, 0, 3) + ⅛·(2, 0, 0) = (1, 0.375, 1.125)
+    np.testing.assert_allclose(curves.project(curve, pl, [0.0, 0.5, 1.0]), [[0, 0], [1.0, 1.125], [2, 0]],
+                               atol=1e-6)
+    np.testing.assert_allclose(curves.project(curve, pl, 0.5), [[1.0, 1.125]], atol=1e-6)
+    # three endpoints: u points from the first to the last, v to the default (second) bend
+    chain = _hand_curve([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [2.0, 0.0, 0.0]], kind="polychain")
+    pl = curves.plane(chain)
+    assert _rows([pl.origin, pl.u]) == [[0, 0, 0], [1, 0, 0]] and _rows([pl.v]) == [pytest.approx([0, 1, 0])]
+    with pytest.raises(ValueError, match=_msg("a curve without bends (the straight line) spans no plane")):
+        curves.plane(_hand_curve([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], n_bends=0))
+
+
 def test_arc_average_against_hand_computation():
     # segments of length 1 and 3 with trapezoid values ½(0+1) and ½(1+0): (0.5·1 + 0.5·3)/4
     assert math.isclose(curves.arc_average([0.0, 1.0, 0.0], [0.0, 1.0, 3.0]), 0.5)
     assert math.isclose(curves.arc_average([1.0, 3.0], [0.0, 2.0]), 2.0)
     with pytest.raises(ValueError):
         curves.arc_average([1.0], [0.0])
+
+
+def test_arc_average_ignores_dl0_and_works_in_float64():
+    assert curves.arc_average([1.0, 3.0], [5.0, 2.0]) == 2.0  # dl[0] is no segment
+    assert curves.arc_average([1.0, 3.0], [0.0, 0.5]) == 2.0  # a length below 1
+    # float32 inputs: 2²⁴ + 1 exists in float64 only
+    assert curves.arc_average(np.array([2.0 ** 24, 1.0], dtype=np.float32), [0.0, 1.0]) == 8388608.5
+    assert curves.arc_average([1.0, 1.0, 1.0], np.array([0.0, 2.0 ** 24, 1.0], dtype=np.float32)) == 1.0
+    st = curves.CurveStats(*(np.zeros(3),) * 7)
+    st.dl = np.array([0.0, 1.0, 1.0])
+    assert st.summary(np.array([2.0 ** 24, 1.0, 0.0], dtype=np.float32))["avg"] == (2.0 ** 24 + 1) / 3
+    msg = _msg("arc_average needs matching values and lengths with at least 2 points")
+    for v, d in (([1.0], [0.0]), ([1.0, 2.0, 3.0], [0.0, 1.0])):
+        with pytest.raises(ValueError, match=msg):
+            curves.arc_average(v, d)
+    with pytest.raises(ValueError, match=_msg("the curve has zero length")):
+        curves.arc_average([1.0, 2.0], [0.0, 0.0])
 
 
 # --- training ------------------------------------------------------------------------------
@@ -259,6 +462,60 @@ def test_divergence_is_detected():
                    progress=False)
 
 
+def test_fit_takes_hand_computed_sgd_steps():
+    # two full-batch steps on MSE + ½·wd·‖φ(t)‖² (default wd 5e-4, momentum 0.9) of a one-bend
+    # Bezier curve of a linear model: ∂/∂θ = 2t(1−t)·((2/N)·Σ_i r_i x_i + wd·φ(t)), r = φ(t)x − y
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
+    y = torch.tensor([[1.0], [2.0], [0.0], [1.0]])
+    curve = curves.Curve(nn.Linear(2, 1, bias=False), [{"weight": a}, {"weight": b}],
+                         generator=torch.Generator().manual_seed(1))
+    hist = curves.fit(curve, data.Dataset("four", x, y, x, y, 1), epochs=2, lr=0.1, batch_size=4,
+                      loss_fn=F.mse_loss, progress=False)
+    replay = torch.Generator().manual_seed(1)
+    a, b, x, y = a.double(), b.double(), x.double(), y.double()
+    theta, buf = torch.tensor([[0.5, 0.5]], dtype=torch.float64), None
+    for _ in range(2):
+        t = float(torch.rand((), generator=replay))
+        phi = (1 - t) ** 2 * a + 2 * t * (1 - t) * theta + t ** 2 * b
+        r = x @ phi.T - y
+        g = 2 * t * (1 - t) * (2 / 4 * (r * x).sum(0, keepdim=True) + 5e-4 * phi)
+        buf = g if buf is None else 0.9 * buf + g
+        theta = theta - 0.1 * buf
+    assert torch.allclose(curve.bend_points()[0]["weight"].double(), theta, rtol=0, atol=1e-6)
+    # lr for the first half (epoch 1 ends at t = ½), the default final_lr_ratio 0.01 at the end
+    assert hist["lr"].tolist() == [0.1, pytest.approx(1e-3)]
+
+
+def _tiny_regression(n):
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    return data.Dataset("tiny", x, x.sum(1, keepdim=True), x, x.sum(1, keepdim=True), 1)
+
+
+def _tiny_curve():
+    return _hand_curve([[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_fit_schedule_per_batch_default_batches_and_keywords(capsys):
+    # 4 points in batches of 2: lr 0.1 to epoch 5, linear to 0.05 at epoch 9, then constant
+    hist = curves.fit(_tiny_curve(), _tiny_regression(4), epochs=10, lr=0.1, batch_size=2,
+                      final_lr_ratio=0.5, loss_fn=F.mse_loss, progress=False)
+    assert hist["step"].tolist() == list(range(2, 21, 2))
+    np.testing.assert_allclose(hist["lr"], [0.1] * 5 + [0.0875, 0.075, 0.0625, 0.05, 0.05], rtol=1e-12)
+    # 129 points in the default batches of 128: two steps; one epoch ends at final_lr_ratio·lr;
+    # the keywords reach train.fit (callbacks, the progress bar) and there is no test evaluation
+    seen = []
+    hist = curves.fit(_tiny_curve(), _tiny_regression(129), epochs=1, lr=0.1, loss_fn=F.mse_loss,
+                      progress=True, callbacks=[lambda e, m: seen.append(e)])
+    assert hist["step"].tolist() == [2] and seen == [1]
+    assert hist["lr"].tolist() == [pytest.approx(1e-3)]
+    assert "test_loss" not in hist.records[0]
+    assert re.search(r"\rbezier curve: ", capsys.readouterr().err)
+    hist = curves.fit(_tiny_curve(), _tiny_regression(4), epochs=1, lr=0.1, batch_size=2,
+                      final_lr_ratio=1.0, loss_fn=F.mse_loss, progress=False)
+    assert hist["lr"].tolist() == [0.1]
+
+
 def _fit_and_compare(model_a, model_b, ds, ts, epochs, lr):
     wa, wb = P.weights(model_a), P.weights(model_b)
     curve = curves.Curve(model_a, [wa, wb], kind="bezier")
@@ -309,6 +566,54 @@ def test_trains_a_bezier_curve_for_a_cifar_resnet_with_batchnorm():
         assert after.train_acc[i] == pytest.approx((out.argmax(1) == ds.y_train).float().mean().item())
 
 
+def test_evaluate_a_straight_line_by_hand():
+    # logits (3t, 4t) at x = 1 and (−3t, −4t) at x = −1, label 1: cross-entropy log(1 + e^(∓t));
+    # a tie at t = 0 goes to class 0
+    curve = curves.Curve(nn.Linear(1, 2, bias=False), [{"weight": torch.zeros(2, 1)},
+                                                      {"weight": torch.tensor([[3.0], [4.0]])}], n_bends=0)
+    x_train, x_test, y = torch.ones(1, 1), -torch.ones(1, 1), torch.ones(1, dtype=torch.long)
+    st = curves.evaluate(curve, [0, 0.5, 1], x_train, y, x_test, y)
+    assert st.ts.dtype == np.float64 and st.ts.tolist() == [0.0, 0.5, 1.0]
+    assert st.dl.tolist() == [0.0, 2.5, 2.5] and st.length == 5.0
+    assert st.sq_norm.tolist() == [0.0, 6.25, 25.0]
+    np.testing.assert_allclose(st.train_nll, [math.log(2), math.log1p(math.exp(-0.5)), math.log1p(math.exp(-1))],
+                               rtol=1e-6)
+    np.testing.assert_allclose(st.test_nll, [math.log(2), math.log1p(math.exp(0.5)), math.log1p(math.exp(1))],
+                               rtol=1e-6)
+    assert st.train_acc.tolist() == [0.0, 1.0, 1.0] and st.test_acc.tolist() == [0.0, 0.0, 0.0]
+    st = curves.evaluate(curve, 0.5, x_train, y, x_test, y)
+    assert st.ts.tolist() == [0.5] and st.dl.tolist() == [0.0]
+    with pytest.raises(ValueError, match=_msg("no values of t to evaluate: pass at least one")):
+        curves.evaluate(curve, [], x_train, y, x_test, y)
+    with pytest.raises(ValueError, match=_msg("t must lie in [0, 1], got 2.0")):
+        curves.evaluate(curve, [0.5, 2.0], x_train, y, x_test, y)
+
+
+def _bn_reference(ma, wa, wb, t, batches):
+    """The untrained curve's point φ(t) with statistics from torch's update_bn on ``batches``."""
+    mid = {k: (wa[k] + wb[k]) / 2 for k in wa}
+    ref = copy.deepcopy(ma)
+    ref.load_state_dict(_hand_bezier(wa, mid, wb, t), strict=False)
+    update_bn([(b,) for b in batches], ref)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("n_bn, batch_size", [(10, 4), (4100, None)])
+def test_evaluate_recomputes_batchnorm_on_bn_data_in_batches(n_bn, batch_size):
+    # 4100 points in the default batches of 4096: [4096, 4]
+    ma, _, wa, wb = _pair(norm="batch")
+    curve = curves.Curve(ma, [wa, wb])
+    g = torch.Generator().manual_seed(5)
+    x, bn_data = torch.randn(6, 6, generator=g), 3 + torch.randn(n_bn, 6, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    st = curves.evaluate(curve, [0.5], x, y, x, y, bn_data=bn_data, **kw)
+    ref = _bn_reference(ma, wa, wb, 0.5, bn_data.split(batch_size or 4096))
+    with torch.no_grad():
+        out = ref(x)
+    assert st.train_nll[0] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-5)
+
+
 def test_evaluate_measures_length_and_norms():
     """A bent one-bend Bezier curve evaluated at unequally spaced t: segment lengths, squared
     norms and losses against hand-built points φ(t); summary and the training loss on a
@@ -356,22 +661,37 @@ def test_evaluate_measures_length_and_norms():
 
 def test_bad_input_is_rejected_with_the_valid_choices():
     ma, _, wa, wb = _pair()
-    with pytest.raises(ValueError, match="bezier, polychain"):
+    with pytest.raises(ValueError, match=_msg("unknown curve kind 'spline'; valid kinds: bezier, polychain")):
         curves.Curve(ma, [wa, wb], kind="spline")
-    with pytest.raises(ValueError, match="n_bends"):
-        curves.Curve(ma, [wa, wb], n_bends=-1)
-    with pytest.raises(ValueError, match="two endpoints"):
+    for bad in (-1, True, 1.0, "1"):
+        with pytest.raises(ValueError, match=_msg(f"n_bends must be a non-negative integer, got {bad!r}")):
+            curves.Curve(ma, [wa, wb], n_bends=bad)
+    with pytest.raises(ValueError, match=_msg("a curve needs at least two endpoints, got 1")):
         curves.Curve(ma, [wa])
     with pytest.raises(ValueError, match="keys"):
         curves.Curve(ma, [wa, {k: v for k, v in list(wb.items())[1:]}])
+    # the first five missing or unknown names, sorted
+    with pytest.raises(ValueError, match=_msg("endpoint keys do not match the model's parameters: missing "
+                                              "['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight', 'out.bias'], "
+                                              "unknown []")):
+        curves.Curve(ma, [wa, {}])
+    extra = dict(wb, **{f"extra{i}": torch.zeros(1) for i in range(6)})
+    with pytest.raises(ValueError, match=_msg("endpoint keys do not match the model's parameters: missing [], "
+                                              "unknown ['extra0', 'extra1', 'extra2', 'extra3', 'extra4']")):
+        curves.Curve(ma, [wa, extra])
     curve = curves.Curve(ma, [wa, wb])
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match=_msg("t must lie in [0, 1], got 1.5")):
         curve.weights(1.5)
-    with pytest.raises(ValueError, match="explicit t"):
+    with pytest.raises(ValueError, match=_msg("a curve in eval mode needs an explicit t; random t is for training "
+                                              "(use curves.evaluate to evaluate along the curve)")):
         curve.eval()(torch.randn(2, 6))
     ds = data.Dataset("toy", torch.randn(8, 6), torch.zeros(8, dtype=torch.long),
                       torch.randn(8, 6), torch.zeros(8, dtype=torch.long), 3)
-    with pytest.raises(ValueError, match="no bends"):
+    with pytest.raises(ValueError, match=_msg("the curve has no bends to train (n_bends=0 is the straight line)")):
         curves.fit(curves.Curve(ma, [wa, wb], n_bends=0), ds, epochs=1, lr=0.1)
-    with pytest.raises(ValueError, match="lr"):
-        curves.fit(curve, ds, epochs=1, lr=0.0)
+    for lr in (0.0, -0.1):
+        with pytest.raises(ValueError, match=_msg(f"lr must be positive, got {lr}")):
+            curves.fit(curve, ds, epochs=1, lr=lr)
+    for ratio in (0.0, 1.5):
+        with pytest.raises(ValueError, match=_msg(f"final_lr_ratio must lie in (0, 1], got {ratio}")):
+            curves.fit(curve, ds, epochs=1, lr=0.1, final_lr_ratio=ratio)

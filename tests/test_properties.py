@@ -6,7 +6,9 @@
   loss (any batch size, number of views, chunk size);
 * ``params.to_vector``/``from_vector`` are inverse to each other;
 * the ECE lies in [0, 1], and with one bin it is |accuracy − mean confidence|;
-* ``viz.contour_levels`` are equally spaced from the smallest to the largest value.
+* ``viz.contour_levels`` are equally spaced from the smallest to the largest value;
+* a FiLM ensemble whose members are copies of one model (``init="copy"``) gives every member
+  that model's output, for any width, depth, norm, member count and batch, in train and eval mode.
 
 Each property runs 30 derandomised examples (reproducible, no example database needed).
 """
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
 
-from landscape_lib import directions, ensembles, params, privacy, viz
+from landscape_lib import directions, ensembles, film, models, params, privacy, viz
 
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True)
 
@@ -119,3 +121,29 @@ def test_contour_levels_are_equally_spaced_from_min_to_max(values, n_levels, log
     assert abs(lv.end - hi) <= 1e-12 * max(1.0, abs(hi))
     assert abs(lv.start + (n_levels - 1) * lv.size - lv.end) <= 1e-9 * max(1.0, abs(hi - lo))
     assert lv.size > 0
+
+
+@PROPERTY
+@given(in_dim=st.integers(1, 6), hidden=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       n_classes=st.integers(2, 4), norm=st.sampled_from(["batch", "layer"]),
+       members=st.integers(1, 4), batch=st.integers(2, 5), train=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_film_ensemble_of_identical_members_is_the_single_model(in_dim, hidden, n_classes, norm, members,
+                                                                   batch, train, seed):
+    torch.manual_seed(seed)
+    net = models.MLP(in_dim, tuple(hidden), n_classes, norm=norm)
+    with torch.no_grad():  # parameters and running statistics away from their initial values
+        for p in net.parameters():
+            p.normal_()
+        for name, b in net.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_()
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+    ens = film.FiLMEnsemble(net, members, init="copy")
+    ens.train(train)
+    net.train(train)
+    x = torch.randn(batch, in_dim)
+    out, ref = ens(x), net(x)  # float32: the members' batched products round differently
+    assert out.shape == (members, batch, n_classes)
+    for m in range(members):
+        torch.testing.assert_close(out[m], ref, rtol=1e-5, atol=1e-5)

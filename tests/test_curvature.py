@@ -1014,3 +1014,156 @@ def test_ritz_error_bounds_on_a_hand_example():
     got = C.ritz_error_bounds(np.array([0.0, 1.0, 3.0]), np.array([0.5, 0.1, 0.2]), 0.1)
     np.testing.assert_allclose(got, [0.0025 / 0.99, 1e-4 / 0.95, 4e-4 / 1.99], rtol=1e-12)
     np.testing.assert_allclose(C.ritz_error_bounds(np.array([2.0]), np.array([0.5]), 0.2), [0.1])
+
+
+# --- exact cases for operators, products and eigensolvers (mutation testing) ---
+
+def test_power_iteration_history_by_hand():
+    """diag(2, 1) from (1, 1)/√2: Rayleigh quotients 3/2, 9/5, 33/17, ... (v_k ∝ (2^k, 1))."""
+    A = torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    res = C.power_iteration(A, iters=3, v0=torch.tensor([1.0, 1.0]))
+    np.testing.assert_allclose(res.history, [1.5, 1.8, 33 / 17], rtol=1e-14)
+    assert res.n_hvp == 3 and not res.converged and res.eigenvalue == pytest.approx(33 / 17, rel=1e-14)
+    torch.testing.assert_close(res.eigenvector, torch.tensor([8.0, 1.0], dtype=torch.float64) / math.sqrt(65),
+                               rtol=1e-14, atol=0)
+    # stops at the first relative change ≤ tol: |RQ_k − RQ_{k−1}| / RQ_k for k = 2, 3, ...
+    hist = [(4 ** k * 2 + 1) / (4 ** k + 1) for k in range(12)]
+    for tol in (0.1, 0.01, 1e-3):
+        k = next(i for i in range(1, 12) if abs(hist[i] - hist[i - 1]) <= tol * abs(hist[i]))
+        r = C.power_iteration(A, iters=50, tol=tol, v0=torch.tensor([1.0, 1.0]))
+        assert r.converged and r.n_hvp == k + 1 and r.eigenvalue == pytest.approx(hist[k], rel=1e-13)
+    # an exact eigenvector: the change is 0 at the second product
+    r = C.power_iteration(A, iters=50, v0=torch.tensor([1.0, 0.0]))
+    assert r.converged and r.n_hvp == 2 and r.eigenvalue == 2.0
+    # the zero operator: Hv = 0 ends at once with eigenvalue 0
+    z = C.power_iteration(torch.zeros(3, 3, dtype=torch.float64), v0=torch.ones(3))
+    assert z.eigenvalue == 0.0 and z.converged and z.n_hvp == 1
+    # the default start is a seeded Gaussian vector (float64), replayed here
+    g = C.power_iteration(A, iters=1, generator=torch.Generator().manual_seed(5))
+    v = torch.randn(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    v = v / v.norm()
+    assert g.history[0] == pytest.approx(float(v @ A @ v), rel=1e-14)
+    for kw, msg in (({"iters": 0}, "iters must be a positive integer (1, 2, 3, ...), got 0"),
+                    ({"iters": True}, "iters must be a positive integer (1, 2, 3, ...), got True"),
+                    ({"iters": 2.0}, "iters must be a positive integer (1, 2, 3, ...), got 2.0"),
+                    ({"tol": 0.0}, "tol must be a positive finite number (> 0), got 0.0"),
+                    ({"tol": math.inf}, "tol must be a positive finite number (> 0), got inf"),
+                    ({"tol": "1"}, "tol must be a positive finite number (> 0), got '1'")):
+        with pytest.raises(ValueError) as err:
+            C.power_iteration(A, **kw)
+        assert str(err.value) == msg
+    assert C.power_iteration(A, iters=np.int64(2), tol=np.float64(1e-3), v0=torch.ones(2)).n_hvp == 2
+
+
+def test_extremal_eigs_on_a_diagonal_matrix():
+    lam = np.array([-3.0, -1.0, 0.5, 2.0, 4.0, 7.0])
+    A = np.diag(lam)
+    for which, want in (("LA", [2.0, 4.0, 7.0]), ("SA", [-3.0, -1.0, 0.5]), ("LM", [-3.0, 4.0, 7.0])):
+        res = C.extremal_eigs(A, k=3, which=which, ncv=5)
+        np.testing.assert_allclose(res.values, want, rtol=1e-12)  # ascending
+        assert res.vectors.shape == (6, 3) and res.converged and res.n_hvp == 0
+        for j, value in enumerate(res.values):  # each column is the matching eigenvector
+            idx = int(np.argmin(np.abs(lam - value)))
+            assert abs(res.vectors[idx, j]) == pytest.approx(1.0, abs=1e-10)
+    # the default start is numpy's default_rng(seed) Gaussian: bit-identical to passing it
+    a = C.extremal_eigs(A, k=2)
+    b = C.extremal_eigs(A, k=2, v0=np.random.default_rng(0).standard_normal(6))
+    assert np.array_equal(a.values, b.values) and np.array_equal(a.vectors, b.vectors)
+    assert C.extremal_eigs(A, k=1, maxiter=50, tol=1e-8).values[0] == pytest.approx(7.0, rel=1e-8)
+    assert C.extremal_eigs(A, k=5, ncv=6).values.tolist() == pytest.approx([-1.0, 0.5, 2.0, 4.0, 7.0])
+    for kw, msg in (({"k": 6}, "k must be in 1..5 (eigsh needs k < n), got 6"),
+                    ({"k": 2, "ncv": 2}, "ncv must be in 3..6, got 2"),
+                    ({"k": 2, "ncv": 7}, "ncv must be in 3..6, got 7"),
+                    ({"tol": -1e-3}, "tol must be >= 0, got -0.001"),
+                    ({"tol": math.nan}, "tol must be >= 0, got nan"),
+                    ({"maxiter": 0}, "maxiter must be a positive integer (1, 2, 3, ...), got 0"),
+                    ({"which": "la"}, "unknown which 'la'; valid choices: LA, SA, LM")):
+        with pytest.raises(ValueError) as err:
+            C.extremal_eigs(A, **kw)
+        assert str(err.value) == msg
+
+
+def test_extremal_eigs_keeps_what_converged(monkeypatch):
+    """ARPACK out of restarts: the converged pairs are kept (sorted), converged=False; none
+    converged is an error naming which, maxiter and tol."""
+    import scipy.sparse.linalg as spla
+
+    def partial(*a, **k):
+        raise spla.ArpackNoConvergence("no", np.array([5.0, 2.0]), np.eye(4)[:, :2])
+
+    monkeypatch.setattr(spla, "eigsh", partial)
+    res = C.extremal_eigs(np.eye(4), k=3)
+    assert res.values.tolist() == [2.0, 5.0] and not res.converged
+    np.testing.assert_array_equal(res.vectors, np.eye(4)[:, [1, 0]])
+
+    def nothing(*a, **k):
+        raise spla.ArpackNoConvergence("no", np.zeros(0), np.zeros((4, 0)))
+
+    monkeypatch.setattr(spla, "eigsh", nothing)
+    with pytest.raises(RuntimeError) as err:
+        C.extremal_eigs(np.eye(4), which="SA", tol=1e-7, maxiter=3)
+    assert str(err.value) == ("eigsh found no converged eigenvalue (SA) in maxiter=3 restarts with "
+                              "tol=1e-07; raise maxiter or tol")
+
+
+def test_matvec_views_of_operators():
+    M = np.array([[2.0, 1.0], [1.0, 3.0]])
+    v = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    want = torch.tensor([0.0, -5.0], dtype=torch.float64)
+    for op in (torch.tensor(M, dtype=torch.float32), M, spla_operator(M)):
+        n, device, f = C._matvec(op)
+        out = f(v)
+        assert n == 2 and device == torch.device("cpu") and out.dtype == torch.float64
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    model = tiny_mlp()
+    x, y = tiny_data()
+    op = C.HVPOperator(model, x, y)
+    n, device, f = C._matvec(op)
+    assert n == op.n == 26 and f == op.mv and C._calls(op) == 0 and C._calls(M) == 0
+    cases = ((torch.zeros(2, 3), ValueError, "a matrix operator must be square, got shape (2, 3)"),
+             (torch.zeros(4), ValueError, "a matrix operator must be square, got shape (4,)"),
+             (np.zeros((2, 3)), ValueError, "operator must be square, got shape (2, 3)"),
+             ([[1.0]], TypeError, "op must be an HVPOperator, a square torch/numpy matrix or a scipy "
+                                  "LinearOperator, got list"))
+    for op, kind, msg in cases:
+        with pytest.raises(kind) as err:
+            C._matvec(op)
+        assert str(err.value) == msg
+
+
+def spla_operator(M):
+    import scipy.sparse.linalg as spla
+
+    return spla.LinearOperator(M.shape, matvec=lambda v: M @ v, dtype=np.float64)
+
+
+def test_random_vectors_replay_torch():
+    g = torch.Generator().manual_seed(3)
+    r = C._random_vector(6, "rademacher", g, torch.device("cpu"))
+    ref = torch.randint(0, 2, (6,), generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    assert r.dtype == torch.float64 and torch.equal(r, ref) and set(r.tolist()) <= {-1.0, 1.0}
+    gv = C._random_vector(6, "gaussian", torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(gv, torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+
+
+def test_chunks_and_bn_mode():
+    x, y = torch.arange(7.0)[:, None], torch.arange(7)
+    assert C._chunks(x, y, None)[0][2] == 1.0 and len(C._chunks(x, y, 7)) == 1 and len(C._chunks(x, y, 8)) == 1
+    parts = C._chunks(x, y, 3)
+    assert [len(p[0]) for p in parts] == [3, 3, 1] and [p[2] for p in parts] == [3 / 7, 3 / 7, 1 / 7]
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    net.train()
+    with C.bn_mode(net, "eval") as m:
+        assert m is net and not net.training
+    assert net.training and net[1].track_running_stats
+    net.eval()
+    with C.bn_mode(net, "train"):
+        assert net.training and not net[1].track_running_stats
+        net(torch.randn(4, 2))
+    assert not net.training and net[1].track_running_stats
+    assert torch.equal(net[1].running_mean, torch.zeros(2))  # never updated
+    with pytest.raises(ValueError) as err:
+        with C.bn_mode(net, "batch"):
+            pass
+    assert str(err.value) == "unknown bn mode 'batch'; valid choices: eval, train"

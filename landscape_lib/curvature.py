@@ -1093,13 +1093,13 @@ def critical_learning_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 break
             lo, hi = lo / 4, lo
         else:
-            raise ValueError(f"even lr={lo:g} diverges; lower lr_range")
+            raise ValueError(f"even lr={hi:g} diverges; lower lr_range")  # hi: the last lr tried
         for _ in range(max_expand):
             if test(hi):
                 break
             lo, hi = hi, hi * 4
         else:
-            raise ValueError(f"even lr={hi:g} is stable; raise lr_range")
+            raise ValueError(f"even lr={lo:g} is stable; raise lr_range")  # lo: the last lr tried
         while hi / lo > 1 + rel_tol:
             mid = math.sqrt(lo * hi)
             if test(mid):

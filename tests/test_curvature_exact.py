@@ -1,0 +1,411 @@
+"""Exact and boundary tests of landscape_lib.curvature (Lanczos, SLQ, Hutchinson, sharpness,
+critical learning rate) against hand-computed values and closed forms."""
+from __future__ import annotations
+
+import math
+import statistics
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape_lib import curvature as C
+from landscape_lib import params as P
+from test_curvature import least_squares_problem, tiny_mlp  # noqa: F401
+
+
+def mse(out, t):
+    return F.mse_loss(out.squeeze(-1), t)
+
+
+def sgd(p, lr):
+    return torch.optim.SGD(p, lr=lr)
+
+
+def scalar_quadratic(w=1.0):
+    """L(w) = w² (x = 1, y = 0): one SGD step maps w to (1 − 2 lr) w."""
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(w)
+    return model, torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+
+
+# --- ritz, ritz_at, ritz_vector, ritz_error_bounds ------------------------------------------
+
+def test_ritz_of_a_hand_tridiagonal():
+    theta, w = C.ritz(np.array([2.0, 2.0]), np.array([1.0]))
+    np.testing.assert_allclose(theta, [1.0, 3.0], atol=1e-14)
+    np.testing.assert_allclose(w, [0.5, 0.5], atol=1e-14)
+    a = np.array([5.0])
+    theta, w = C.ritz(a, np.zeros(0))
+    assert theta.tolist() == [5.0] and w.tolist() == [1.0]
+    theta[0] = 9.0
+    assert a[0] == 5.0  # a copy
+
+
+def test_ritz_at_uses_the_leading_block():
+    res = C.LanczosResult(np.array([2.0, 2.0, 5.0]), np.array([1.0, 0.0]), None, None, 0)
+    assert res.ritz_at(1).tolist() == [2.0]
+    np.testing.assert_allclose(res.ritz_at(2), [1.0, 3.0], atol=1e-14)
+    np.testing.assert_allclose(res.ritz_at(3), [1.0, 3.0, 5.0], atol=1e-14)
+    with pytest.raises(ValueError, match=r"^j must be in 1\.\.3, got 4$"):
+        res.ritz_at(4)
+    with pytest.raises(ValueError, match="j must be a positive integer"):
+        res.ritz_at(0)
+
+
+def test_ritz_vector_checks_and_values():
+    res = C.LanczosResult(np.array([2.0, 2.0]), np.array([1.0]), None, None, 0)
+    with pytest.raises(ValueError, match=r"^ritz_vector needs the Lanczos basis: run "
+                                         r"lanczos\(\.\.\., keep_basis=True\)$"):
+        res.ritz_vector(0)
+    basis = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float32)
+    res.basis = basis
+    for k in (2, -3):
+        with pytest.raises(ValueError, match=rf"^k must be in -2\.\.1, got {k}$"):
+            res.ritz_vector(k)
+    top = res.ritz_vector(-1)
+    assert top.dtype == torch.float32
+    s = 1 / math.sqrt(2)
+    np.testing.assert_allclose(np.abs(top.numpy()), [0.0, s, s], atol=1e-7)
+    assert float(top[1] * top[2]) > 0  # eigenvector (1, 1) of θ = 3
+    low = res.ritz_vector(-2)
+    np.testing.assert_allclose(np.abs(low.numpy()), [0.0, s, s], atol=1e-7)
+    assert float(low[1] * low[2]) < 0  # eigenvector (1, −1) of θ = 1
+    torch.testing.assert_close(res.ritz_vector(0), low)
+    one = C.LanczosResult(np.array([4.0]), np.zeros(0), None, None, 0,
+                          torch.tensor([[0.6, 0.8]], dtype=torch.float64))
+    assert one.ritz_vector(0).tolist() == [0.6, 0.8]
+    assert one.ritz_vector(-1).tolist() == [0.6, 0.8]
+
+
+def test_ritz_error_bounds_by_hand():
+    assert C.ritz_error_bounds(np.array([1.0]), np.array([-0.5]), 2.0).tolist() == [1.0]
+    b = C.ritz_error_bounds(np.array([0.0, 1.0, 5.0]), np.array([0.1, -0.1, 0.1]), 1.0)
+    np.testing.assert_allclose(b, [0.01 / 0.9, 0.01 / 0.9, 0.01 / 3.9], rtol=1e-12)
+    # overlapping residual intervals: no gap, the plain residual
+    b = C.ritz_error_bounds(np.array([0.0, 0.1]), np.array([1.0, 1.0]), 1.0)
+    assert b.tolist() == [1.0, 1.0]
+    # different residuals: the gap of θ_i subtracts the *other* value's residual
+    b = C.ritz_error_bounds(np.array([0.0, 10.0]), np.array([0.1, 0.2]), 1.0)
+    np.testing.assert_allclose(b, [0.01 / 9.8, 0.04 / 9.9], rtol=1e-12)
+
+
+# --- lanczos --------------------------------------------------------------------------------
+
+def test_lanczos_on_a_diagonal_matrix_by_hand():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    res = C.lanczos(A, 10, v0=torch.ones(4, dtype=torch.float32), keep_basis=True)
+    assert len(res.alpha) == 4 and len(res.beta) == 3
+    assert res.alpha[0] == pytest.approx(2.5, abs=1e-14)
+    assert res.beta[0] == pytest.approx(math.sqrt(1.25), abs=1e-14)
+    np.testing.assert_allclose(res.ritz_values, [1, 2, 3, 4], atol=1e-12)
+    np.testing.assert_allclose(res.ritz_weights, [0.25] * 4, atol=1e-12)
+    assert res.n_hvp == 0 and res.error_bounds is None and res.converged is None
+    assert res.basis.shape == (4, 4) and res.basis.dtype == torch.float64
+    torch.testing.assert_close(res.basis[0], torch.full((4,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(res.basis @ res.basis.T, torch.eye(4, dtype=torch.float64))
+    top = res.ritz_vector(-1)
+    np.testing.assert_allclose(np.abs(top.numpy()), [0, 0, 0, 1], atol=1e-10)
+    plain = C.lanczos(A, 4, v0=torch.ones(4), reorth=False)
+    assert plain.basis is None
+    np.testing.assert_allclose(plain.ritz_values, [1, 2, 3, 4], atol=1e-10)
+    assert C.lanczos(A, 4, v0=torch.ones(4)).basis is None
+    two = C.lanczos(A, 2, v0=torch.ones(4), keep_basis=True)
+    assert len(two.alpha) == 2 and two.basis.shape == (2, 4)
+
+
+def test_lanczos_invariant_subspace_stops_early():
+    A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64))
+    res = C.lanczos(A, 4, v0=torch.ones(4))
+    np.testing.assert_allclose(res.alpha, [1.5, 1.5], atol=1e-14)
+    np.testing.assert_allclose(res.beta, [0.5], atol=1e-14)
+    np.testing.assert_allclose(res.ritz_values, [1.0, 2.0], atol=1e-14)
+    assert res.converged is None and res.error_bounds is None
+    res = C.lanczos(A, 4, v0=torch.ones(4), tol=1e-12)
+    assert res.converged is True and res.error_bounds.tolist() == [0.0, 0.0]
+    assert len(res.alpha) == 2
+
+
+def test_lanczos_basis_grows_past_16_rows():
+    d = torch.arange(1.0, 21.0, dtype=torch.float64)
+    res = C.lanczos(torch.diag(d), 20, v0=torch.ones(20), keep_basis=True)
+    assert res.basis.shape == (20, 20)
+    torch.testing.assert_close(res.basis @ res.basis.T, torch.eye(20, dtype=torch.float64))
+    np.testing.assert_allclose(res.ritz_values, d.numpy(), atol=1e-9)
+    res = C.lanczos(torch.diag(d), 17, v0=torch.ones(20), keep_basis=True)
+    assert res.basis.shape == (17, 20) and len(res.alpha) == 17
+
+
+def test_lanczos_tol_on_a_separated_top_eigenvalue():
+    A = torch.diag(torch.tensor([1.0, 1.1, 1.2, 100.0], dtype=torch.float64))
+    res = C.lanczos(A, 4, v0=torch.ones(4), tol=1e-6)
+    assert res.converged is True and len(res.alpha) < 4
+    assert abs(res.ritz_values[-1] - 100.0) <= 1e-6 * 100
+    assert len(res.error_bounds) == len(res.alpha)
+    res1 = C.lanczos(A, 1, v0=torch.ones(4), tol=1e-6)  # one step: not yet converged
+    assert res1.converged is False and len(res1.error_bounds) == 1
+    res_k = C.lanczos(A, 2, v0=torch.ones(4), tol=1e-6, k=3)  # fewer Ritz values than k
+    assert res_k.converged is False
+
+
+def test_lanczos_bad_tol_and_k():
+    A = torch.eye(3, dtype=torch.float64)
+    for tol in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=rf"^tol must be >= 0, got {tol!r}$"):
+            C.lanczos(A, 2, tol=tol)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        C.lanczos(A, 2, k=0)
+    with pytest.raises(ValueError, match="valid choices: rademacher, gaussian"):
+        C.lanczos(A, 2, distribution="uniform")
+
+
+def test_lanczos_random_start_is_rademacher_or_gaussian():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    res = C.lanczos(A, 1, generator=torch.Generator().manual_seed(0), keep_basis=True)
+    assert sorted(set(np.abs(res.basis[0].numpy()).round(12))) == [round(1 / math.sqrt(3), 12)]
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3, generator=g, dtype=torch.float64)
+    res = C.lanczos(A, 1, distribution="gaussian", generator=torch.Generator().manual_seed(0),
+                    keep_basis=True)
+    torch.testing.assert_close(res.basis[0], v / v.norm())
+
+
+# --- SLQ ------------------------------------------------------------------------------------
+
+def test_moment_averages_rows_and_skips_padding():
+    sd = C.SpectralDensity(np.zeros(1), np.zeros(1), np.array([[1.0, 2.0, np.nan], [3.0, np.nan, np.nan]]),
+                           np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]), 1.0, 0)
+    assert sd.moment(0) == pytest.approx(1.0)
+    assert sd.moment(1) == pytest.approx((1.5 + 3.0) / 2)
+    assert sd.moment(2) == pytest.approx((2.5 + 9.0) / 2)
+
+
+def test_gaussian_density_by_hand():
+    c = 1 / math.sqrt(2 * math.pi)
+    d = C.gaussian_density(np.array([0.0]), np.array([1.0]), np.array([0.0, 1.0, 2.0]), 1.0)
+    np.testing.assert_allclose(d, [c, c * math.exp(-0.5), c * math.exp(-2)], rtol=1e-14)
+    d = C.gaussian_density(np.array([[1.0, np.nan], [3.0, 0.0]]), np.array([[1.0, 0.7], [0.5, 0.5]]),
+                           np.array([1.0, 3.0]), 2.0)
+    at1 = (c / 2 + 0.5 * c / 2 * math.exp(-0.5) + 0.5 * c / 2 * math.exp(-1 / 8)) / 2
+    at3 = (c / 2 * math.exp(-0.5) + 0.5 * c / 2 + 0.5 * c / 2 * math.exp(-9 / 8)) / 2
+    np.testing.assert_allclose(d, [at1, at3], rtol=1e-14)
+
+
+def test_slq_on_a_diagonal_matrix_by_hand():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    sd = C.slq_density(A, m=4, n_vec=2, n_grid=5, generator=torch.Generator().manual_seed(0))
+    assert sd.nodes.shape == (2, 4) and sd.n_hvp == 0
+    np.testing.assert_allclose(sd.nodes, [[1, 2, 3, 4]] * 2, atol=1e-12)
+    np.testing.assert_allclose(sd.weights, [[0.25] * 4] * 2, atol=1e-12)  # Rademacher: v_i² = 1/4
+    assert sd.sigma == pytest.approx(0.04)  # 1 % of max(4 − 1, |4|)
+    np.testing.assert_allclose(sd.grid, np.linspace(0.8, 4.2, 5), atol=1e-12)
+    ref = [sum(0.25 * math.exp(-0.5 * ((g - t) / 0.04) ** 2) / (0.04 * math.sqrt(2 * math.pi))
+               for t in (1, 2, 3, 4)) for g in sd.grid]
+    np.testing.assert_allclose(sd.density, ref, rtol=1e-10)
+    sd = C.slq_density(A, m=4, sigma=0.5, grid=[1, 2], generator=torch.Generator().manual_seed(0))
+    assert sd.sigma == 0.5 and sd.grid.dtype == np.float64 and sd.grid.tolist() == [1.0, 2.0]
+    assert len(C.slq_density(A, m=4).grid) == 512
+    with pytest.raises(ValueError, match="n_grid must be a positive integer"):
+        C.slq_density(A, m=4, n_grid=0)
+
+
+def test_slq_default_sigma_uses_the_spread_or_the_scale():
+    sd = C.slq_density(torch.diag(torch.tensor([1.0, 11.0], dtype=torch.float64)), m=2, n_grid=3)
+    assert sd.sigma == pytest.approx(0.11)  # max(spread 10, |11|) = 11
+    sd = C.slq_density(torch.diag(torch.tensor([-9.0, 1.0], dtype=torch.float64)), m=2, n_grid=3)
+    assert sd.sigma == pytest.approx(0.1)  # max(spread 10, |1|) = 10
+    sd = C.slq_density(torch.eye(2, dtype=torch.float64) * 3, m=2, n_grid=3)
+    assert sd.sigma == pytest.approx(0.03)  # no spread: 1 % of |θ|
+    sd = C.slq_density(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)),
+                       m=3, distribution="gaussian", generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(3, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(sd.weights[0], (v ** 2 / (v ** 2).sum()).numpy(), atol=1e-12)
+    assert sd.n_hvp == 0
+
+
+# --- Hutchinson -----------------------------------------------------------------------------
+
+def test_hutchinson_exact_on_a_diagonal_and_gaussian_samples():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    res = C.hutchinson_trace(A, 4)
+    assert res.samples.tolist() == [6.0] * 4 and res.trace == 6.0 and res.stderr == 0.0
+    assert C.hutchinson_trace(A, 1).stderr == math.inf
+    assert len(C.hutchinson_trace(A).samples) == 100
+    res = C.hutchinson_trace(A, 3, distribution="gaussian", generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    ref = []
+    for _ in range(3):
+        v = torch.randn(3, generator=g, dtype=torch.float64)
+        ref.append(float(v[0] ** 2 + 2 * v[1] ** 2 + 3 * v[2] ** 2))
+    np.testing.assert_allclose(res.samples, ref, rtol=1e-14)
+    assert res.trace == pytest.approx(sum(ref) / 3, rel=1e-14)
+    assert res.stderr == pytest.approx(statistics.stdev(ref) / math.sqrt(3), rel=1e-12)
+
+
+# --- sharpness ------------------------------------------------------------------------------
+
+def test_slice_sharpness_by_hand():
+    line = SimpleNamespace(alphas=[1.0, -1.0, 0.0], loss=[5.0, 3.0, 1.0])
+    assert C.slice_sharpness(line, 1.0) == 3.0
+    assert C.slice_sharpness(line, 0.5) == 0.5 * (2.0 + 3.0) - 1.0
+    assert C.slice_sharpness(line, 1.0 + 5e-13) == 3.0
+    for alphas, r in (([-1.0, 0.0, 2.0], 1.5), ([-2.0, 0.0, 1.0], 1.5), ([-1.0, 0.0, 1.0], 1.5)):
+        lo, hi = min(alphas), max(alphas)
+        with pytest.raises(ValueError, match=rf"^radius 1\.5 lies outside the slice \[{lo}, {hi}\]: the "
+                                             r"slice must reach α = −radius and α = \+radius$"):
+            C.slice_sharpness(SimpleNamespace(alphas=alphas, loss=[0.0, 0.0, 0.0]), r)
+    with pytest.raises(ValueError, match="radius must be a positive"):
+        C.slice_sharpness(line, 0.0)
+
+
+def test_unit_sphere_keeps_dtype_and_is_normalised_randn():
+    w = {"a": torch.zeros(2, 3, dtype=torch.float32), "b": torch.zeros(4, dtype=torch.float64)}
+    u = C._unit_sphere(w, torch.Generator().manual_seed(0))
+    assert list(u) == ["a", "b"] and u["a"].dtype == torch.float32 and u["b"].dtype == torch.float64
+    assert u["a"].shape == (2, 3) and u["b"].shape == (4,)
+    g = torch.Generator().manual_seed(0)
+    ra, rb = torch.randn(2, 3, generator=g), torch.randn(4, generator=g, dtype=torch.float64)
+    s = math.sqrt(float((ra.double() ** 2).sum() + (rb ** 2).sum()))
+    torch.testing.assert_close(u["a"], ra / s)
+    torch.testing.assert_close(u["b"], rb / s)
+
+
+def test_random_sharpness_samples_are_half_rho_squared_uHu():
+    model, x, y, loss_fn, H = least_squares_problem(n=16, d=3)
+    rho = 0.3
+    res = C.random_sharpness(model, x, y, rho, 3, loss_fn=loss_fn, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    ref = []
+    for _ in range(3):
+        u = torch.randn(1, 3, generator=g, dtype=torch.float64).reshape(-1)
+        u = u / u.norm()
+        ref.append(float(0.5 * rho ** 2 * u @ H @ u))
+    np.testing.assert_allclose(res.samples, ref, rtol=1e-8)
+    with torch.no_grad():
+        base = float(loss_fn(model(x), y))
+    assert res.loss == pytest.approx(base, rel=1e-14) and res.rho == rho
+    assert res.value == pytest.approx(np.mean(ref), rel=1e-8)
+    assert res.perturbed_loss == pytest.approx(base + np.mean(ref), rel=1e-12)
+    assert len(C.random_sharpness(model, x, y, rho, loss_fn=loss_fn).samples) == 10
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        C.random_sharpness(model, x, y, rho, 0, loss_fn=loss_fn)
+
+
+def test_random_sharpness_filter_normalized_scales_by_the_weight_norm():
+    model, x, y, loss_fn, H = least_squares_problem(n=16, d=3)
+    wn = float(model.weight.norm())
+    lam = torch.linalg.eigvalsh(H)
+    res = C.random_sharpness(model, x, y, 0.1, 4, loss_fn=loss_fn, filter_normalized=True,
+                             generator=torch.Generator().manual_seed(0))
+    lo, hi = 0.5 * (0.1 * wn) ** 2 * float(lam[0]), 0.5 * (0.1 * wn) ** 2 * float(lam[-1])
+    assert np.all(res.samples >= lo * (1 - 1e-9)) and np.all(res.samples <= hi * (1 + 1e-9))
+    plain = C.random_sharpness(model, x, y, 0.1, 4, loss_fn=loss_fn, generator=torch.Generator().manual_seed(0))
+    assert not np.allclose(res.samples, plain.samples)
+
+
+def test_worst_case_sharpness_of_w_squared_by_hand():
+    model, x, y = scalar_quadratic(1.0)  # L = w², g = 2, H = 2
+    res = C.worst_case_sharpness(model, x, y, 0.5, 3, loss_fn=mse)
+    assert res.loss == 1.0 and res.perturbed_loss == 2.25 and res.value == 1.25 and res.rho == 0.5
+    assert res.samples.tolist() == [1.25] * 4
+    res = C.worst_case_sharpness(model, x, y, 0.5, 0, loss_fn=mse)
+    assert res.samples.tolist() == [1.25]
+    assert len(C.worst_case_sharpness(model, x, y, 0.5, loss_fn=mse).samples) == 11
+    model0, _, _ = scalar_quadratic(0.0)  # g = 0: a random point on the sphere, L = ρ²
+    res = C.worst_case_sharpness(model0, x, y, 0.5, 2, loss_fn=mse, generator=torch.Generator().manual_seed(0))
+    assert res.value == 0.25 and res.samples.tolist() == [0.25] * 3
+
+
+def test_worst_case_sharpness_steps_inside_the_ball():
+    # L = w², w = 1, ρ = 2: ε₀ = 2 (L = 9); the step 2 + s·2·6/6 = 2 + 2s leaves the ball, back to 2
+    model, x, y = scalar_quadratic(1.0)
+    res = C.worst_case_sharpness(model, x, y, 2.0, 1, step_size=0.25, loss_fn=mse)
+    assert res.samples.tolist() == [8.0, 8.0]
+    # L = (w1² + 9 w2²)/2 at w = (1, 1): L = 5, g = (1, 9); SAM's point is w + g/‖g‖
+    lin = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    xs = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    ys = torch.zeros(2, dtype=torch.float64)
+    res = C.worst_case_sharpness(lin, xs, ys, 1.0, 5, loss_fn=mse)
+    s = math.sqrt(82)
+    sam = ((1 + 1 / s) ** 2 + 9 * (1 + 9 / s) ** 2) / 2 - 5
+    assert res.samples[0] == pytest.approx(sam, rel=1e-12) and len(res.samples) == 6
+    assert res.value == max(res.samples) and res.value > sam
+    assert res.value <= s + 4.5  # L(θ + ε) − L(θ) ≤ ‖g‖ρ + λ_max ρ²/2 on the ball
+    assert res.perturbed_loss == pytest.approx(5 + res.value, rel=1e-14)
+
+
+def test_worst_case_sharpness_bad_arguments():
+    model, x, y = scalar_quadratic(1.0)
+    for steps in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"^steps must be a non-negative integer \(0, 1, 2, \.\.\.\), "
+                                             rf"got {steps!r}$"):
+            C.worst_case_sharpness(model, x, y, 0.5, steps, loss_fn=mse)
+    with pytest.raises(ValueError, match="step_size must be a positive"):
+        C.worst_case_sharpness(model, x, y, 0.5, 1, step_size=0.0, loss_fn=mse)
+
+
+# --- critical learning rate -----------------------------------------------------------------
+
+def test_diverges_on_w_squared_by_hand():
+    model, x, y = scalar_quadratic(1.0)
+    start = P.state(model)
+    # one step: w = 1 − 2 lr, final loss (1 − 2 lr)²
+    assert C._diverges(model, start, x, y, sgd, 1.0, 1, 1, 1.0, 0, mse, 1.0) == (False, 1.0)
+    assert C._diverges(model, start, x, y, sgd, 1.5, 1, 1, 3.0, 0, mse, 1.0) == (True, 4.0)
+    assert C._diverges(model, start, x, y, sgd, 1.5, 1, 2, 3.0, 0, mse, 1.0) == (True, 16.0)
+    assert C._diverges(model, start, x, y, sgd, 0.25, 1, 1, 3.0, 0, mse, 1.0) == (False, 0.25)
+    assert C._diverges(model, start, x, y, sgd, 1e300, 1, 1, 3.0, 0, mse, 1.0) == (True, math.inf)
+
+
+def test_critical_learning_rate_bisection_on_w_squared_by_hand():
+    model, x, y = scalar_quadratic(1.0)
+    # diverged iff (1 − 2 lr)² > 3, i.e. lr > (1 + √3)/2 ≈ 1.366
+    res = C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(1.0, 2.0), steps=1, loss_fn=mse)
+    lrs = [1.0, 2.0, math.sqrt(2), 2 ** 0.25, math.sqrt(2 ** 0.25 * 2 ** 0.5)]
+    assert [t[0] for t in res.trials] == pytest.approx(lrs)
+    assert [t[1] for t in res.trials] == [(1 - 2 * lr) ** 2 > 3 for lr in lrs]
+    assert [t[2] for t in res.trials] == pytest.approx([(1 - 2 * lr) ** 2 for lr in lrs])
+    assert res.stable == pytest.approx(lrs[-1]) and res.diverged == pytest.approx(math.sqrt(2))
+    assert res.lr == pytest.approx(math.sqrt(lrs[-1] * math.sqrt(2)))
+    assert model.weight.item() == 1.0 and model.training
+
+
+def test_critical_learning_rate_widens_the_bracket():
+    model, x, y = scalar_quadratic(1.0)
+    model.eval()
+    res = C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(0.1, 0.2), steps=1, loss_fn=mse,
+                                   rel_tol=10.0)
+    assert [t[0] for t in res.trials] == pytest.approx([0.1, 0.2, 0.8, 3.2])
+    assert (res.stable, res.diverged) == pytest.approx((0.8, 3.2)) and not model.training
+    res = C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(4.0, 8.0), steps=1, loss_fn=mse,
+                                   rel_tol=10.0)
+    assert [t[0] for t in res.trials] == pytest.approx([4.0, 1.0, 4.0])
+    assert (res.stable, res.diverged) == pytest.approx((1.0, 4.0))
+
+
+def test_critical_learning_rate_gives_up_after_max_expand():
+    model, x, y = scalar_quadratic(1.0)
+    # the message names the last learning rate tried (4 ** k), not the next, untried one
+    with pytest.raises(ValueError, match=r"^even lr=4 diverges; lower lr_range$"):
+        C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(4.0, 8.0), steps=1, loss_fn=mse, max_expand=1)
+    with pytest.raises(ValueError, match=r"^even lr=4 diverges; lower lr_range$"):
+        C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(4096.0, 8192.0), steps=1, loss_fn=mse)
+    with pytest.raises(ValueError, match=r"^even lr=0\.001 is stable; raise lr_range$"):
+        C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(1e-4, 1e-3), steps=1, loss_fn=mse, max_expand=1)
+    assert model.weight.item() == 1.0 and model.training
+    for bad, match in (((0.0, 1.0), "lr_range bounds must be a positive"),
+                       ((1.0, 1.0), r"^lr_range must be \(low, high\) with 0 < low < high, got \(1\.0, 1\.0\)$")):
+        with pytest.raises(ValueError, match=match):
+            C.critical_learning_rate(model, x, y, sgd, 1, lr_range=bad, steps=1, loss_fn=mse)
+    for kw, name in (({"steps": 0}, "steps"), ({"rel_tol": 0.0}, "rel_tol"), ({"blowup": -1.0}, "blowup")):
+        with pytest.raises(ValueError, match=f"^{name} must be a positive"):
+            C.critical_learning_rate(model, x, y, sgd, 1, loss_fn=mse, **{"steps": 1, **kw})
+    with pytest.raises(ValueError, match="^batch_size must be a positive integer"):
+        C.critical_learning_rate(model, x, y, sgd, 0, loss_fn=mse)

@@ -409,3 +409,14 @@ def test_critical_learning_rate_gives_up_after_max_expand():
             C.critical_learning_rate(model, x, y, sgd, 1, loss_fn=mse, **{"steps": 1, **kw})
     with pytest.raises(ValueError, match="^batch_size must be a positive integer"):
         C.critical_learning_rate(model, x, y, sgd, 0, loss_fn=mse)
+
+
+def test_hvp_counts_are_the_products_of_this_call():
+    model, x, y, loss_fn, H = least_squares_problem(n=8, d=3)
+    op = C.HVPOperator(model, x, y, loss_fn)
+    op.mv(torch.ones(3, dtype=torch.float64))  # an earlier product is not counted
+    assert C.lanczos(op, 2).n_hvp == 2
+    assert C.slq_density(op, m=2, n_vec=2).n_hvp == 4
+    res = C.lanczos(op, 3, v0=torch.ones(3), tol=1e-8)
+    np.testing.assert_allclose(res.ritz_values, torch.linalg.eigvalsh(H).numpy(), rtol=1e-9)
+    assert res.n_hvp == len(res.alpha)

@@ -420,3 +420,50 @@ def test_hvp_counts_are_the_products_of_this_call():
     res = C.lanczos(op, 3, v0=torch.ones(3), tol=1e-8)
     np.testing.assert_allclose(res.ritz_values, torch.linalg.eigvalsh(H).numpy(), rtol=1e-9)
     assert res.n_hvp == len(res.alpha)
+
+
+def test_defaults_and_boundaries():
+    d = torch.arange(1.0, 82.0, dtype=torch.float64)
+    sd = C.slq_density(torch.diag(d), n_grid=3)
+    assert sd.nodes.shape == (1, 80)  # m = 80, n_vec = 1 by default
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert C.hutchinson_trace(A, 2).stderr == 0.0  # two samples: a finite standard error
+    line = SimpleNamespace(alphas=[-1.0, 0.0, 1.0], loss=[3.0, 1.0, 5.0])
+    assert C.slice_sharpness(line, 1 + 1e-12) == 3.0  # exactly on the tolerance edge
+    model, x, y = scalar_quadratic(1.0)
+    # rel_tol: bisection stops once diverged/stable ≤ 1 + rel_tol (here = 2 at once)
+    res = C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(1.0, 2.0), steps=1, loss_fn=mse, rel_tol=1.0)
+    assert [t[0] for t in res.trials] == [1.0, 2.0]
+
+
+def test_sharpness_at_given_weights_and_with_a_generator():
+    model, x, y, loss_fn, H = least_squares_problem(n=16, d=3)
+    opt = P.weights(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the model elsewhere: the weights argument decides
+    res = C.random_sharpness(model, x, y, 0.3, 2, loss_fn=loss_fn, weights=opt,
+                             generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    ref = []
+    for _ in range(2):
+        u = torch.randn(3, generator=g, dtype=torch.float64)
+        u = u / u.norm()
+        ref.append(float(0.5 * 0.09 * u @ H @ u))
+    np.testing.assert_allclose(res.samples, ref, rtol=1e-8)
+    f1 = C.random_sharpness(model, x, y, 0.3, 2, loss_fn=loss_fn, weights=opt, filter_normalized=True,
+                            generator=torch.Generator().manual_seed(5))
+    f2 = C.random_sharpness(model, x, y, 0.3, 2, loss_fn=loss_fn, weights=opt, filter_normalized=True,
+                            generator=torch.Generator().manual_seed(5))
+    assert f1.samples.tolist() == f2.samples.tolist()
+
+
+def test_worst_case_default_step_size_is_half():
+    lin = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    xs = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    ys = torch.zeros(2, dtype=torch.float64)
+    a = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, loss_fn=mse)
+    b = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, step_size=0.5, loss_fn=mse)
+    c = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, step_size=1.5, loss_fn=mse)
+    assert a.samples.tolist() == b.samples.tolist() != c.samples.tolist()

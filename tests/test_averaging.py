@@ -340,17 +340,25 @@ class _RecordingSGD(torch.optim.SGD):
         return out
 
 
+def _recording_optimizers():
+    """``(made, make)``: ``make(params)`` builds a :class:`_RecordingSGD` (lr 0.05) and appends it to
+    ``made``, so a test can inspect every optimizer a training routine created."""
+    made = []
+
+    def make(ps):
+        made.append(_RecordingSGD(ps, lr=0.05))
+        return made[-1]
+
+    return made, make
+
+
 def test_periodic_swa_ends_on_the_average_of_a_shorter_last_period():
     """5 epochs in periods of 3: the second period has 2 epochs. With restart_last (the default)
     the model ends on that period's average, the mean of the epoch-4 and epoch-5 iterates, with
     BatchNorm statistics recomputed on bn_data (here not the training inputs)."""
     ds, model = toy_data(), mlp(bn=True)
     bn_data = ds.x_train[:40] * 2.0 + 1.0
-    made = []
-
-    def make(ps):
-        made.append(_RecordingSGD(ps, lr=0.05))
-        return made[-1]
+    made, make = _recording_optimizers()
 
     res = A.periodic_swa(model, ds, make_optimizer=make, epochs=5, period=3, batch_size=32, bn_data=bn_data,
                          eval_every=0, generator=torch.Generator().manual_seed(0))
@@ -371,11 +379,7 @@ def test_periodic_swa_evaluates_every_eval_every_epochs_of_a_period_and_at_its_e
     """start = 1, one period of epochs 2..5, eval_every = 3: the average is evaluated after its
     3rd epoch (epoch 4) and at the end (5), each time the mean of the epoch-end iterates so far."""
     ds, model = toy_data(), mlp()
-    made = []
-
-    def make(ps):
-        made.append(_RecordingSGD(ps, lr=0.05))
-        return made[-1]
+    made, make = _recording_optimizers()
 
     res = A.periodic_swa(model, ds, make_optimizer=make, epochs=5, period=4, start=1, batch_size=32,
                          eval_every=3, generator=torch.Generator().manual_seed(0))
@@ -419,11 +423,7 @@ def test_periodic_swa_defaults_match_fit_with_batch_128_and_a_generator_from_the
 
 def test_periodic_swa_without_restart_last_restarts_between_periods_only():
     ds, model = toy_data(), mlp()
-    made = []
-
-    def make(ps):
-        made.append(_RecordingSGD(ps, lr=0.05))
-        return made[-1]
+    made, make = _recording_optimizers()
 
     res = A.periodic_swa(model, ds, make_optimizer=make, epochs=4, period=2, batch_size=32, eval_every=0,
                          restart_last=False, generator=torch.Generator().manual_seed(0))
@@ -454,11 +454,7 @@ def test_periodic_swa_boundaries_of_period_start_and_rounds():
     torch.testing.assert_close(vec(model), vec(ref), rtol=0, atol=0)
     # one round of multi-round SWA is SWA: the model ends on the mean of its two epoch-end iterates
     model = mlp()
-    made = []
-
-    def make(ps):
-        made.append(_RecordingSGD(ps, lr=0.05))
-        return made[-1]
+    made, make = _recording_optimizers()
 
     res = A.multi_round_swa(model, ds, make_optimizer=make, rounds=1, epochs_per_round=2, batch_size=32,
                             eval_every=0, generator=torch.Generator().manual_seed(0))
@@ -471,11 +467,7 @@ def test_multi_round_swa_counts_rounds():
     mean of the previous round's two epoch-end iterates (each round restarts from the previous
     average, with a new average), and the model ends on the last round's average."""
     ds, model = toy_data(), mlp()
-    made = []
-
-    def make(ps):
-        made.append(_RecordingSGD(ps, lr=0.05))
-        return made[-1]
+    made, make = _recording_optimizers()
 
     res = A.multi_round_swa(model, ds, make_optimizer=make, rounds=3, epochs_per_round=2,
                             batch_size=32, eval_every=0, generator=torch.Generator().manual_seed(0))

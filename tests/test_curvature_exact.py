@@ -25,6 +25,15 @@ def sgd(p, lr):
     return torch.optim.SGD(p, lr=lr)
 
 
+def anisotropic_quadratic():
+    """L(w) = (w1² + 9 w2²)/2 (inputs e1 and 3·e2, targets 0, mean squared error) at w = (1, 1)."""
+    lin = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    xs = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    return lin, xs, torch.zeros(2, dtype=torch.float64)
+
+
 def scalar_quadratic(w=1.0):
     """L(w) = w² (x = 1, y = 0): one SGD step maps w to (1 − 2 lr) w."""
     model = nn.Linear(1, 1, bias=False).double()
@@ -327,11 +336,7 @@ def test_worst_case_sharpness_steps_inside_the_ball():
     res = C.worst_case_sharpness(model, x, y, 2.0, 1, step_size=0.25, loss_fn=mse)
     assert res.samples.tolist() == [8.0, 8.0]
     # L = (w1² + 9 w2²)/2 at w = (1, 1): L = 5, g = (1, 9); SAM's point is w + g/‖g‖
-    lin = nn.Linear(2, 1, bias=False).double()
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
-    xs = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
-    ys = torch.zeros(2, dtype=torch.float64)
+    lin, xs, ys = anisotropic_quadratic()
     res = C.worst_case_sharpness(lin, xs, ys, 1.0, 5, loss_fn=mse)
     s = math.sqrt(82)
     sam = ((1 + 1 / s) ** 2 + 9 * (1 + 9 / s) ** 2) / 2 - 5
@@ -458,11 +463,7 @@ def test_sharpness_at_given_weights_and_with_a_generator():
 
 
 def test_worst_case_default_step_size_is_half():
-    lin = nn.Linear(2, 1, bias=False).double()
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
-    xs = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
-    ys = torch.zeros(2, dtype=torch.float64)
+    lin, xs, ys = anisotropic_quadratic()
     a = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, loss_fn=mse)
     b = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, step_size=0.5, loss_fn=mse)
     c = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, step_size=1.5, loss_fn=mse)

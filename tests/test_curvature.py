@@ -1167,3 +1167,98 @@ def test_chunks_and_bn_mode():
         with C.bn_mode(net, "batch"):
             pass
     assert str(err.value) == "unknown bn mode 'batch'; valid choices: eval, train"
+
+
+def test_hvp_operator_bookkeeping_and_messages():
+    """The counters, views and dtypes of HVPOperator, and every constructor message in full."""
+    model = tiny_mlp()
+    x, y = tiny_data()
+    H = dense_hessian(model, x, y)
+    op = C.HVPOperator(model, x, y)
+    assert op.shape == (26, 26) and op.n == 26 and op.calls == 0 and op.mode == "auto"
+    assert op.device == torch.device("cpu") and op.dtype == torch.float64 and op._n_chunks() == 1
+    v = torch.randn(26, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = op.mv(v.float().reshape(2, 13))  # any float dtype and shape with n entries
+    assert out.dtype == torch.float64 and out.shape == (26,) and op.calls == 1
+    torch.testing.assert_close(out, H @ v.float().double(), rtol=1e-9, atol=1e-12)
+    d = op.hvp(P.from_vector(v, op.weights))
+    assert list(d) == list(op.weights) and op.calls == 2
+    torch.testing.assert_close(P.to_vector(d), H @ v, rtol=1e-9, atol=1e-12)
+    lin = op.linear_operator()
+    assert lin.shape == (26, 26) and lin.dtype == np.float64
+    np.testing.assert_allclose(lin.matvec(v.numpy()), (H @ v).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lin.rmatvec(v.numpy()), (H @ v).numpy(), rtol=1e-9, atol=1e-12)
+    assert op.calls == 4
+    op.reset_calls()
+    assert op.calls == 0 and op.mode == "cached-graph" and op.auto_log == {} and op.forward_ad_error is None
+    assert C.HVPOperator(model, x, y, chunk_size=3)._n_chunks() == 3
+    assert C.HVPOperator(model, x, y, chunk_size=7)._n_chunks() == 1
+    cases = [
+        (dict(chunk_size=0), "chunk_size must be a positive integer (1, 2, 3, ...), got 0"),
+        (dict(cache_limit=-1), "cache_limit must be a number of bytes >= 0, got -1"),
+        (dict(cache_limit=1.5), "cache_limit must be a number of bytes >= 0, got 1.5"),
+        (dict(weight_decay=math.inf), "weight_decay must be >= 0, got inf"),
+        (dict(weights={}), "weights is empty: the Hessian needs at least one parameter"),
+        (dict(weights={"7.weight": torch.zeros(2)}), "weights has keys that are not parameters of the model: "
+         "['7.weight']; valid names include ['0.weight', '0.bias', '2.weight', '2.bias']"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError) as err:
+            C.HVPOperator(model, x, y, **kw)
+        assert str(err.value) == msg
+    with pytest.raises(ValueError) as err:
+        C.HVPOperator(model, x, y[:3])
+    assert str(err.value) == "x and y must be non-empty and of equal length, got 7 and 3"
+    with pytest.raises(ValueError) as err:
+        C.HVPOperator(model, x[:0], y[:0])
+    assert str(err.value) == "x and y must be non-empty and of equal length, got 0 and 0"
+    with pytest.raises(ValueError) as err:
+        op.mv(torch.zeros(27))
+    assert str(err.value) == "vector has 27 entries, the operator needs 26"
+
+
+def test_auto_mode_leaves_the_cached_graph_over_the_limit_with_its_reason():
+    """A limit of 0 bytes: one chunk builds the graph, finds it over the limit, drops it; with
+    chunks the first chunk's graph is measured first. Either way forward-over-reverse runs, and the
+    log says why in MiB (0 for this tiny model)."""
+    model = tiny_mlp()
+    x, y = tiny_data()
+    H = dense_hessian(model, x, y)
+    v = torch.ones(26, dtype=torch.float64)
+    one = C.HVPOperator(model, x, y, cache_limit=0)
+    torch.testing.assert_close(one.mv(v), H @ v, rtol=1e-9, atol=1e-12)
+    assert one.mode == "forward-over-reverse" and one.cache_bytes == 0 and one.forward_ad_error is None
+    assert one.auto_log == {"cached-graph": "the cached graph holds 0 MiB, over the limit of 0 MiB"}
+    assert all(m != "cached-graph" for m, _ in one._state)
+    chunked = C.HVPOperator(model, x, y, chunk_size=3, cache_limit=0)
+    torch.testing.assert_close(chunked.mv(v), H @ v, rtol=1e-9, atol=1e-12)
+    assert chunked.mode == "forward-over-reverse" and chunked.cache_bytes == 0
+    assert chunked.auto_log == {"cached-graph": "the cached graphs would hold about 0 MiB, over the limit of 0 MiB"}
+    probe = chunked._chunk_graph_bytes(dict(chunked.weights))
+    assert probe > 0
+    roomy = C.HVPOperator(model, x, y, chunk_size=3, cache_limit=3 * probe)  # exactly enough
+    roomy.mv(v)
+    assert roomy.mode == "cached-graph" and roomy.auto_log == {}
+    assert roomy.cache_bytes == pytest.approx(3 * probe, rel=0.5)
+    # a product after the first one reuses the graph: no new state, the same answer
+    before = dict(roomy._state)
+    torch.testing.assert_close(roomy.mv(v), H @ v, rtol=1e-9, atol=1e-12)
+    assert roomy._state.keys() == before.keys() and roomy.calls == 2
+
+
+def test_cache_limit_default(monkeypatch):
+    model = tiny_mlp()
+    x, y = tiny_data()
+    op = C.HVPOperator(model, x, y)
+    assert C.HVPOperator(model, x, y, cache_limit=123)._cache_limit() == 123
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(C.os, "sysconf", lambda name: pages[name])
+    assert op._cache_limit() == 1000 * 4096 // 4  # a quarter of the available memory
+    pages["SC_AVPHYS_PAGES"] = 2 ** 30
+    assert op._cache_limit() == 4 * 2 ** 30  # at most 4 GiB on a CPU
+
+    def unavailable(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(C.os, "sysconf", unavailable)
+    assert op._cache_limit() == 2 ** 30  # 4 GiB assumed available

@@ -1239,7 +1239,7 @@ def test_auto_mode_leaves_the_cached_graph_over_the_limit_with_its_reason():
     roomy = C.HVPOperator(model, x, y, chunk_size=3, cache_limit=3 * probe)  # exactly enough
     roomy.mv(v)
     assert roomy.mode == "cached-graph" and roomy.auto_log == {}
-    assert roomy.cache_bytes == pytest.approx(3 * probe, rel=0.5)
+    assert 0 < roomy.cache_bytes <= 3 * probe  # the last chunk (1 point) holds less than the first
     # a product after the first one reuses the graph: no new state, the same answer
     before = dict(roomy._state)
     torch.testing.assert_close(roomy.mv(v), H @ v, rtol=1e-9, atol=1e-12)

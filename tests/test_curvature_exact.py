@@ -14,7 +14,7 @@ from torch import nn
 
 from landscape_lib import curvature as C
 from landscape_lib import params as P
-from test_curvature import least_squares_problem, tiny_mlp  # noqa: F401
+from test_curvature import least_squares_problem
 
 
 def mse(out, t):

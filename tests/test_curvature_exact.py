@@ -2,6 +2,7 @@
 critical learning rate) against hand-computed values and closed forms."""
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from torch import nn
 
 from landscape_lib import curvature as C
 from landscape_lib import params as P
-from test_curvature import least_squares_problem
+from test_curvature import least_squares_problem, tiny_data, tiny_mlp
 
 
 def mse(out, t):
@@ -468,3 +469,218 @@ def test_worst_case_default_step_size_is_half():
     b = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, step_size=0.5, loss_fn=mse)
     c = C.worst_case_sharpness(lin, xs, ys, 1.0, 2, step_size=1.5, loss_fn=mse)
     assert a.samples.tolist() == b.samples.tolist() != c.samples.tolist()
+
+
+# --- HVPOperator, power iteration and the sharpness measures: arguments where a bug shows ----
+
+class WithUnused(nn.Module):
+    """A linear map and a parameter the forward pass never reads (its gradient is None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def bn_net(seed=7):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    with torch.no_grad():  # running statistics far from any batch's
+        net[1].running_mean.uniform_(-2.0, 2.0)
+        net[1].running_var.uniform_(3.0, 5.0)
+    return net
+
+
+def data8(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
+
+
+def train_mode_grad(net, x, y, sizes):
+    """Σ_c (n_c/N) ∇L_c by plain autograd on a train-mode copy, each chunk with its own batch
+    statistics (BatchNorm's running statistics do not enter a train-mode forward pass)."""
+    ref = copy.deepcopy(net).train()
+    total = [torch.zeros_like(p) for p in ref.parameters()]
+    start, loss = 0, 0.0
+    for s in sizes:
+        xc, yc = x[start:start + s], y[start:start + s]
+        lc = F.cross_entropy(ref(xc), yc)
+        for t, gk in zip(total, torch.autograd.grad(lc, list(ref.parameters()))):
+            t.add_(gk, alpha=s / len(x))
+        loss += s / len(x) * float(lc.detach())
+        start += s
+    return loss, P.to_vector(dict(zip([k for k, _ in ref.named_parameters()], total)))
+
+
+def test_hvp_operator_gradient_and_loss_in_train_mode_use_each_chunks_batch_statistics():
+    net, (x, y) = bn_net(), data8()
+    for chunk, sizes in ((None, [8]), (3, [3, 3, 2])):
+        op = C.HVPOperator(net, x, y, bn="train", chunk_size=chunk)
+        loss, grad = train_mode_grad(net, x, y, sizes)
+        torch.testing.assert_close(P.to_vector(op.gradient()), grad, rtol=1e-10, atol=1e-12)
+        assert op.loss() == pytest.approx(loss, rel=1e-12)
+    whole = P.to_vector(C.HVPOperator(net, x, y, bn="train").gradient())
+    chunked = P.to_vector(C.HVPOperator(net, x, y, bn="train", chunk_size=3).gradient())
+    evald = P.to_vector(C.HVPOperator(net, x, y).gradient())
+    assert (whole - chunked).abs().max() > 1e-3 and (whole - evald).abs().max() > 1e-3  # all differ
+
+
+def test_an_unused_parameter_has_zero_gradient_and_zero_hessian_rows_in_every_mode():
+    net = WithUnused()
+    x, y = data8()
+    ref = F.cross_entropy(net(x), y)
+    g_lin = torch.autograd.grad(ref, list(net.lin.parameters()))
+    for mode in ("auto", "cached-graph", "forward-over-reverse", "reverse-over-reverse"):
+        op = C.HVPOperator(net, x, y, mode=mode)
+        g = op.gradient()
+        assert torch.equal(g["unused"], torch.zeros(2, dtype=torch.float64))
+        torch.testing.assert_close(g["lin.weight"], g_lin[0], rtol=1e-12, atol=1e-14)
+        hv = op.hvp({k: torch.ones_like(v) for k, v in op.weights.items()})
+        assert torch.equal(hv["unused"], torch.zeros(2, dtype=torch.float64)), mode
+        assert hv["lin.weight"].abs().max() > 0
+
+
+def test_hvp_casts_the_direction_to_the_weights_dtype():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # float32
+    x, y = data8()
+    x = x.float()
+    v64 = {k: torch.randn(p.shape, dtype=torch.float64) for k, p in net.named_parameters()}
+    for mode in ("cached-graph", "forward-over-reverse", "reverse-over-reverse"):
+        a = C.HVPOperator(net, x, y, mode=mode).hvp(v64)
+        b = C.HVPOperator(net, x, y, mode=mode).hvp({k: v.float() for k, v in v64.items()})
+        assert all(t.dtype == torch.float32 for t in a.values())
+        assert all(torch.equal(a[k], b[k]) for k in a), mode
+
+
+def test_auto_probe_is_the_first_chunks_graph_against_its_own_operator():
+    """The probe of ``auto`` with chunks is the graph of the first chunk: the cached graph of an
+    operator on those 3 points alone. Three chunks need 3 × that; one byte less is too little."""
+    model = tiny_mlp()
+    x, y = tiny_data()
+    first = C.HVPOperator(model, x[:3], y[:3], mode="cached-graph")
+    v = torch.ones(26, dtype=torch.float64)
+    first.mv(v)
+    probe = first.cache_bytes
+    assert probe > 0
+    fits = C.HVPOperator(model, x, y, chunk_size=3, cache_limit=3 * probe)
+    fits.mv(v)
+    assert fits.mode == "cached-graph" and fits.auto_log == {}
+    short = C.HVPOperator(model, x, y, chunk_size=3, cache_limit=3 * probe - 1)
+    short.mv(v)
+    assert short.mode == "forward-over-reverse" and "cached-graph" in short.auto_log
+
+
+def test_power_iteration_stops_after_100_hvps_by_default():
+    """diag(1, −0.99) from (1, 1): the Rayleigh quotient (1 − 0.99^(2k+1)) / (1 + 0.99^(2k))
+    still moves by about 1e-3 per step after 100 steps, far above tol = 1e-6."""
+    res = C.power_iteration(torch.diag(torch.tensor([1.0, -0.99], dtype=torch.float64)),
+                            v0=torch.ones(2, dtype=torch.float64))
+    assert res.n_hvp == 100 and not res.converged and len(res.history) == 100
+    k = 99
+    assert res.history[-1] == pytest.approx((1 - 0.99 ** (2 * k + 1)) / (1 + 0.99 ** (2 * k)), rel=1e-12)
+
+
+def test_ritz_error_bounds_at_a_zero_gap_estimate():
+    """θ = (0, 1), residuals (1e-310, 1): θ₀'s gap estimate is |1 − 0| − 1 = 0 exactly, so no
+    Kato–Temple bound applies and the residual itself is returned (r² would underflow to 0)."""
+    out = C.ritz_error_bounds(np.array([0.0, 1.0]), np.array([1e-310, 1.0]), 1.0)
+    assert out[0] == 1e-310
+
+
+def test_worst_case_sharpness_at_given_weights_by_hand():
+    """L(w) = (w₁² + 9 w₂²)/2 at w = (1, 1) (the model itself sits at (2, −1)): g = (1, 9),
+    SAM's point w + ρ g/‖g‖ with ρ = 1."""
+    lin, xs, ys = anisotropic_quadratic()
+    w = {"weight": lin.weight.detach().clone()}
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[2.0, -1.0]]))
+    res = C.worst_case_sharpness(lin, xs, ys, 1.0, 0, loss_fn=mse, weights=w)
+    s = math.sqrt(82)
+    up = ((1 + 1 / s) ** 2 + 9 * (1 + 9 / s) ** 2) / 2
+    assert res.loss == pytest.approx(5.0, rel=1e-14) and res.value == pytest.approx(up - 5.0, rel=1e-12)
+
+
+def test_worst_case_sharpness_from_a_zero_gradient_uses_the_generator():
+    """At w = 0 the gradient vanishes: the start is ρu with u = z/‖z‖, z ~ N(0, I) drawn from the
+    generator, and L(ρu) = ρ² (u₁² + 9 u₂²)/2."""
+    lin, xs, ys = anisotropic_quadratic()
+    with torch.no_grad():
+        lin.weight.zero_()
+    torch.manual_seed(123)  # the global stream must not be what is used
+    res = C.worst_case_sharpness(lin, xs, ys, 0.5, 0, loss_fn=mse, generator=torch.Generator().manual_seed(3))
+    z = torch.randn((1, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u = (z / z.norm()).flatten()
+    assert res.value == pytest.approx(0.25 * float(u[0] ** 2 + 9 * u[1] ** 2) / 2, rel=1e-12)
+
+
+def test_sharpness_measures_in_train_mode_use_batch_statistics():
+    """bn="train": the loss, the gradient and the perturbed losses come from batch statistics,
+    as a train-mode copy computes them by plain autograd; eval mode gives other numbers."""
+    net, (x, y) = bn_net(), data8()
+    loss, g = train_mode_grad(net, x, y, [8])
+    ref = copy.deepcopy(net).train()
+    w = P.weights(ref)
+
+    def train_loss(flat):
+        with torch.no_grad():
+            out = torch.func.functional_call(ref, (P.from_vector(flat, w), dict(ref.named_buffers())), (x,))
+            return float(F.cross_entropy(out, y))
+
+    rho = 0.05
+    theta = P.to_vector(w)
+    sam = C.worst_case_sharpness(net, x, y, rho, 0, bn="train")
+    assert sam.loss == pytest.approx(loss, rel=1e-12)
+    assert sam.value == pytest.approx(train_loss(theta + rho * g / g.norm()) - loss, rel=1e-9)
+    assert abs(C.worst_case_sharpness(net, x, y, rho, 0).value - sam.value) > 1e-4
+    rnd = C.random_sharpness(net, x, y, rho, 2, bn="train", generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    for sample in rnd.samples:
+        z = P.to_vector({k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in w.items()})
+        assert sample == pytest.approx(train_loss(theta + rho * z / z.norm()) - loss, rel=1e-9)
+
+
+def two_point_regression():
+    """w·x − y on x = (1, 2), y = (1, −1) from w = 0 (mean squared error, L(0) = 1): one-point
+    SGD steps are affine maps that do not commute, so the final loss depends on the batch order."""
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    return (model, torch.tensor([[1.0], [2.0]], dtype=torch.float64),
+            torch.tensor([1.0, -1.0], dtype=torch.float64))
+
+
+def test_critical_learning_rate_defaults_and_the_same_batches_whatever_the_global_seed():
+    model, x, y = two_point_regression()
+
+    def run(global_seed, **kw):
+        torch.manual_seed(global_seed)  # must not matter: the batches come from ``seed``
+        return C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(0.01, 1.0), loss_fn=mse,
+                                        rel_tol=0.5, **kw).trials
+
+    default = run(5)
+    assert run(99) == default  # common random numbers: the global stream is never used
+    assert run(0, seed=0) == default and run(0, steps=100) == default  # the defaults
+    assert run(0, seed=1) != default and run(0, steps=101) != default  # and both matter here
+
+
+def test_first_line_and_forward_ad_unsupported():
+    assert C._first_line(ValueError("  first\nsecond ")) == "ValueError: first"
+    assert C._first_line(RuntimeError("")) == "RuntimeError: "
+    assert C._forward_ad_unsupported(RuntimeError("vmap: functorch transforms do not support it"))
+    assert not C._forward_ad_unsupported(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert C._forward_ad_unsupported(NotImplementedError("Trying to use forward AD with foo"))
+    assert C._forward_ad_unsupported(NotImplementedError("no forward mode AD formula for bar"))
+    assert not C._forward_ad_unsupported(NotImplementedError("something else"))
+
+
+def test_power_iteration_an_unchanged_quotient_counts_as_converged():
+    """diag(1, −1) from (1, 1): the iterates alternate (1, ±1)/√2, whose Rayleigh quotient is 0
+    both times, so |0 − 0| ≤ tol·0 stops it after two products (power iteration cannot separate
+    eigenvalues of equal magnitude)."""
+    res = C.power_iteration(torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64)),
+                            v0=torch.ones(2, dtype=torch.float64))
+    assert res.converged and res.n_hvp == 2 and res.eigenvalue == 0.0

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.sparse.linalg as spla
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -684,3 +685,38 @@ def test_power_iteration_an_unchanged_quotient_counts_as_converged():
     res = C.power_iteration(torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64)),
                             v0=torch.ones(2, dtype=torch.float64))
     assert res.converged and res.n_hvp == 2 and res.eigenvalue == 0.0
+
+
+def test_critical_learning_rate_shows_no_progress_bar(monkeypatch, capsys):
+    """Its trials call ``train.fit`` with ``progress=False``: nothing is printed even where
+    progress bars are on (``LANDSCAPE_QUIET`` unset)."""
+    monkeypatch.delenv("LANDSCAPE_QUIET", raising=False)
+    model, x, y = scalar_quadratic(1.0)
+    C.critical_learning_rate(model, x, y, sgd, 1, lr_range=(0.5, 2.0), steps=2, loss_fn=mse, rel_tol=1.0)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_extremal_eigs_passes_tol_and_ncv_to_eigsh():
+    """The same products and values as ``scipy.sparse.linalg.eigsh`` called directly with the same
+    start vector, counted on a LinearOperator; a loose tol and a small ncv each change the count."""
+    A = np.diag(np.linspace(1.0, 2.0, 40) ** 3)
+
+    def counting():
+        calls = [0]
+
+        def mv(v):
+            calls[0] += 1
+            return A @ v
+        return calls, spla.LinearOperator(A.shape, matvec=mv, dtype=np.float64)
+
+    counts = {}
+    for kw in ({}, {"tol": 1e-2}, {"ncv": 5}):
+        mine, lin = counting()
+        res = C.extremal_eigs(lin, 1, **kw)
+        theirs, ref_lin = counting()
+        vals, _ = spla.eigsh(ref_lin, k=1, which="LA", v0=np.random.default_rng(0).standard_normal(40),
+                             **{"tol": 0.0, "ncv": None, **kw})
+        assert mine[0] == theirs[0] and res.values.tolist() == vals.tolist()
+        counts[str(kw)] = mine[0]
+    assert len(set(counts.values())) == 3, counts

@@ -16,7 +16,7 @@ from torch import nn
 
 from landscape_lib import curvature as C
 from landscape_lib import params as P
-from test_curvature import least_squares_problem, tiny_data, tiny_mlp
+from test_curvature import dense_hessian, least_squares_problem, tiny_data, tiny_mlp
 
 
 def mse(out, t):
@@ -720,3 +720,32 @@ def test_extremal_eigs_passes_tol_and_ncv_to_eigsh():
         assert mine[0] == theirs[0] and res.values.tolist() == vals.tolist()
         counts[str(kw)] = mine[0]
     assert len(set(counts.values())) == 3, counts
+
+
+def outputs_mean(out, y):
+    """A loss linear in the network's output: its last layer's bias has a constant gradient."""
+    return out.mean()
+
+
+@pytest.mark.parametrize("mode", ["cached-graph", "forward-over-reverse", "reverse-over-reverse"])
+def test_constant_gradient_components_have_zero_hessian_rows(mode):
+    """For an affine model under a linear loss the gradient does not depend on θ (H = 0); for an
+    MLP the last bias's gradient is constant, so its rows of H vanish. Both against the dense
+    Hessian, with and without chunks, and for a second product (the cached graph's reuse)."""
+    x, y = tiny_data()
+    affine = nn.Linear(3, 2).double()
+    v = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)
+    for chunk in (None, 3):
+        op = C.HVPOperator(affine, x, y, outputs_mean, mode=mode, chunk_size=chunk)
+        assert torch.equal(op.mv(v), torch.zeros(8, dtype=torch.float64)) and op.calls == 1
+        assert torch.equal(op.mv(v), torch.zeros(8, dtype=torch.float64)) and op.calls == 2
+    mlp = tiny_mlp()
+    H = dense_hessian(mlp, x, y, outputs_mean)
+    assert torch.equal(H[-2:], torch.zeros(2, 26, dtype=torch.float64))  # the last bias
+    u = torch.linspace(-1.0, 2.0, 26, dtype=torch.float64)
+    for chunk in (None, 3):
+        op = C.HVPOperator(mlp, x, y, outputs_mean, mode=mode, chunk_size=chunk)
+        for _ in range(2):
+            hv = op.mv(u)
+            torch.testing.assert_close(hv, H @ u, rtol=1e-9, atol=1e-12)
+            assert torch.equal(hv[-2:], torch.zeros(2, dtype=torch.float64))

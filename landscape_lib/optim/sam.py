@@ -40,7 +40,8 @@ torchvision's ``downsample.1``):
 the first pass set them, so they are updated **once per step**, at ``w``; the second pass still
 normalises with its own batch statistics, as SAM needs. ``bn="update"`` lets the second pass
 update them too (the official SAM-ON code's behaviour: twice per step, once at a perturbed
-point). Freezing needs the model (``model=`` or a module passed as ``params``).
+point). The same holds for InstanceNorm with ``track_running_stats=True``. Freezing needs the
+model (``model=`` or a module passed as ``params``).
 
 The closure is the ``torch.optim`` protocol (zero the gradients, forward, backward, return the
 loss); ``train.fit``'s default step passes one, so one SAM step is two gradient evaluations on
@@ -244,8 +245,10 @@ class SAM(torch.optim.Optimizer):
     def _bn_modules(self) -> list[nn.Module]:
         if self.model is None:
             return []
+        # _NormBase: BatchNorm*d, SyncBatchNorm and InstanceNorm*d, which with
+        # track_running_stats=True keeps running statistics too
         return [m for m in self.model.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One SAM step: ``closure()`` at ``w``, ascent, ``closure()`` at ``w + ε``, descent.

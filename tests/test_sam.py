@@ -246,3 +246,261 @@ def test_sam_defaults_zero_grad_and_closure_message():
     assert w.grad is None  # set_to_none=True by default
     with pytest.raises(ValueError, match=r"^SAM needs a closure \(zero_grad, forward, backward"):
         opt.step()
+
+
+def lin_bn_lin():
+    # 2·3 + 3 + 3·1 + 1 = 13 coordinates outside the norm layer, 3 + 3 = 6 in it, 19 in all
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).double()
+
+
+def test_perturbed_count_of_each_filter_by_hand():
+    for perturb, want in (("all", 19), ("norm", 6), ("no-norm", 13)):
+        assert SAM(lin_bn_lin(), lr=0.1, perturb=perturb).perturbed_count() == want, perturb
+
+
+def test_random_mask_is_the_seeded_permutation_of_its_pool():
+    # no-norm pool: the two Linear layers (13 coordinates, in parameter order); BatchNorm never drawn
+    model = lin_bn_lin()
+    opt = SAM(model, lr=0.1, perturb="random", n_random=5, generator=torch.Generator().manual_seed(7))
+    ref = torch.zeros(13, dtype=torch.float64)
+    ref[torch.randperm(13, generator=torch.Generator().manual_seed(7))[:5]] = 1
+    m = opt._masks
+    assert m[2] is False and m[3] is False  # bn weight, bn bias
+    assert all(m[i].dtype == torch.float64 and m[i].shape == q.shape  # stored as the parameter
+               for i, q in ((0, model[0].weight), (1, model[0].bias), (4, model[2].weight), (5, model[2].bias)))
+    assert torch.equal(torch.cat([m[i].flatten() for i in (0, 1, 4, 5)]), ref)
+    assert opt.perturbed_count() == 5
+    # random_from="all": the pool is every parameter (19 coordinates), BatchNorm included
+    model = lin_bn_lin()
+    opt = SAM(model, lr=0.1, perturb="random", n_random=7, random_from="all",
+              generator=torch.Generator().manual_seed(1))
+    ref = torch.zeros(19, dtype=torch.float64)
+    ref[torch.randperm(19, generator=torch.Generator().manual_seed(1))[:7]] = 1
+    assert torch.equal(torch.cat([mi.flatten() for mi in opt._masks]), ref)
+    assert opt.perturbed_count() == 7
+
+
+@pytest.mark.parametrize("random_from, total", [("no-norm", 13), ("all", 19)])
+def test_n_random_bounds_are_1_and_the_pool_size(random_from, total):
+    def sam(n):
+        return SAM(lin_bn_lin(), lr=0.1, perturb="random", n_random=n, random_from=random_from,
+                   generator=torch.Generator().manual_seed(0))
+    assert sam(1).perturbed_count() == 1
+    opt = sam(total)  # every coordinate of the pool
+    assert opt.perturbed_count() == total
+    assert all(torch.equal(m, torch.ones_like(m)) for m in opt._masks if m is not False)
+    for bad in (0, total + 1, True, 2.0):
+        msg = (rf"^perturb='random' needs n_random, an integer in 1\.\.{total} "
+               rf"\(the {random_from} coordinates\), got {bad!r}$")
+        with pytest.raises(ValueError, match=msg):
+            sam(bad)
+
+
+def test_other_constructor_messages_in_full():
+    w = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"^eta must be >= 0, got -0\.1$"):
+        SAM(nn.Linear(2, 1), lr=0.1, adaptive=True, eta=-0.1)
+    with pytest.raises(ValueError, match=r"^unknown p 3; valid choices: 2, math\.inf$"):
+        SAM([w], lr=0.1, p=3)
+    with pytest.raises(ValueError, match=r"^unknown random_from 'bn'; valid choices: no-norm, all$"):
+        SAM(lin_bn_lin(), lr=0.1, perturb="random", n_random=3, random_from="bn")
+    with pytest.raises(ValueError, match=r"^n_random is only used with perturb='random', not 'all'$"):
+        SAM(lin_bn_lin(), lr=0.1, n_random=3)
+    with pytest.raises(ValueError, match=r"^perturb='norm' selects no parameter of this model \(normalisation "
+                                         r"layers are found by type: _NormBase, GroupNorm, LayerNorm, RMSNorm\)$"):
+        SAM(nn.Linear(2, 2), lr=0.1, perturb="norm")
+    tail = r" needs the model \(pass model=\.\.\. or the module itself as params\): parameters are selected by module type$"
+    with pytest.raises(ValueError, match=r"^perturb='norm'" + tail):
+        SAM(list(lin_bn_lin().parameters()), lr=0.1, perturb="norm")
+    with pytest.raises(ValueError, match=r"^perturb='all' with adaptive=True" + tail):
+        SAM([w], lr=0.1, adaptive=True)  # biases are told apart through the model
+    with pytest.raises(TypeError, match=r"^base_optimizer must be a torch\.optim\.Optimizer class "
+                                        r"\(e\.g\. torch\.optim\.SGD\), got <class 'dict'>$"):
+        SAM([w], dict, lr=0.1)
+    with pytest.raises(TypeError, match=r"^base_optimizer must be a torch\.optim\.Optimizer class .*got SGD \("):
+        SAM([w], torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), lr=0.1)  # an instance
+
+
+def test_asam_with_eta_0_and_normalize_bias():
+    # Linear(2, 1), w = (3, −4), b = 2, loss = w·(1, 1) + b: g = (1, 1 | 1); η = 0: T = (3, 4 | 2)
+    # normalize_bias=True: ‖T g‖ = √(9 + 16 + 4) = √29, ε = ρ T² g / √29 = (9, 16 | 4) at ρ = √29
+    # normalize_bias=False (default): T_b = 1, ‖T g‖ = √26, ε = (9, 16 | 1) at ρ = √26
+    for kwargs, rho, want in (({"normalize_bias": True}, math.sqrt(29), [12.0, 12.0, 6.0]),
+                              ({}, math.sqrt(26), [12.0, 12.0, 3.0])):
+        model = nn.Linear(2, 1).double()
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[3.0, -4.0]])), model.bias.fill_(2.0)
+        opt = SAM(model, lr=0.1, rho=rho, adaptive=True, eta=0, **kwargs)
+        model(torch.ones(1, 2, dtype=torch.float64)).sum().backward()
+        opt.first_step()
+        got = [*model.weight.detach().flatten().tolist(), model.bias.detach().item()]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    # normalize_bias=True needs no model (no bias is told apart): plain parameters, T = |w| = (3, 4)
+    w = nn.Parameter(torch.tensor([3.0, -4.0], dtype=torch.float64))
+    opt = SAM([w], lr=0.1, rho=5.0, adaptive=True, eta=0, normalize_bias=True)
+    w.grad = torch.ones(2, dtype=torch.float64)
+    opt.first_step()  # ‖T g‖ = 5, ε = 5 · (9, 16) / 5
+    np.testing.assert_allclose(w.detach().numpy(), [12.0, 12.0], rtol=1e-12)
+
+
+def test_linf_asam_and_per_group_rho_by_hand():
+    # ℓ∞ ASAM: ε = ρ T sign g, T = |w| + η for the weight, 1 for the bias: w = (3, −4), η = 0.5,
+    # g = (1, −2 | 1): ε = 0.1 · (3.5, −4.5 | 1)
+    model = nn.Linear(2, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, -4.0]])), model.bias.fill_(2.0)
+    opt = SAM(model, lr=0.1, rho=0.1, adaptive=True, eta=0.5, p=math.inf)
+    model(torch.tensor([[1.0, -2.0]], dtype=torch.float64)).sum().backward()
+    opt.first_step()
+    np.testing.assert_allclose(model.weight.detach().numpy(), [[3.35, -4.45]], rtol=1e-12)
+    np.testing.assert_allclose(model.bias.detach().item(), 2.1, rtol=1e-12)
+    # two groups, ρ = 0.3 and 0.6, one norm over both: g = (3, 0 | 4), ‖g‖ = 5
+    a = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    b = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SAM([{"params": [a]}, {"params": [b], "rho": 0.6}], lr=0.1, rho=0.3)
+    a.grad, b.grad = torch.tensor([3.0, 0.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
+    opt.first_step()
+    np.testing.assert_allclose(a.detach().numpy(), [0.18, 0.0], rtol=1e-12, atol=0)  # 0.3 · 3/5
+    np.testing.assert_allclose(b.detach().numpy(), [0.48], rtol=1e-12)  # 0.6 · 4/5
+    opt.second_step()  # back to w, then SGD: w − 0.1 g
+    np.testing.assert_allclose(a.detach().numpy(), [-0.3, 0.0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(b.detach().numpy(), [-0.4], rtol=1e-12)
+
+
+def test_first_step_without_gradients_moves_nothing():
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = SAM([w], lr=0.1)
+    opt.first_step()  # no .grad: nothing to perturb
+    opt.second_step()  # nothing to undo, and SGD skips a parameter without a gradient
+    assert w.detach().tolist() == [1.0, 2.0]
+
+
+def test_state_dict_round_trip_continues_the_reference():
+    # one step, then a fresh SAM with other hyperparameters loads the state: its second step is
+    # the reference's second step (ρ = 0.2, lr = 0.05, the momentum buffer of step 1)
+    rho, lr, mom = 0.2, 0.05, 0.9
+    p = nn.Parameter(torch.tensor(W0))
+    opt = SAM([p], rho=rho, lr=lr, momentum=mom)
+    opt.step(quadratic_closure(p, opt))
+    q = nn.Parameter(p.detach().clone())
+    opt2 = SAM([q], rho=0.9, lr=0.5, momentum=0.1)
+    opt2.load_state_dict(opt.state_dict())
+    opt2.step(quadratic_closure(q, opt2))
+    w, buf = W0.copy(), None
+    for _ in range(2):
+        g = quad_grad(w)
+        gt = quad_grad(w + rho * g / np.linalg.norm(g))
+        buf = gt if buf is None else mom * buf + gt
+        w = w - lr * buf
+    np.testing.assert_allclose(q.detach().numpy(), w, rtol=1e-12)
+    # one set of groups after loading too: an lr set on SAM is the base optimizer's
+    opt2.param_groups[0]["lr"] = 0.0
+    before = q.detach().clone()
+    opt2.step(quadratic_closure(q, opt2))
+    assert opt2.base_optimizer.param_groups[0]["lr"] == 0.0
+    torch.testing.assert_close(q.detach(), before, rtol=0, atol=1e-15)  # w + ε − ε, rounded
+
+
+def test_base_optimizer_options_are_sams_defaults_from_the_start():
+    # torch's own checks in add_param_group see the base options: differentiable=True allows a
+    # non-leaf tensor (as torch.optim.SGD itself does), without it SAM refuses it as SGD would
+    x = torch.ones(2, requires_grad=True) * 2  # not a leaf
+    torch.optim.SGD([x], lr=0.1, differentiable=True)
+    opt = SAM([x], lr=0.1, differentiable=True)
+    assert opt.param_groups[0]["differentiable"] is True
+    with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):
+        torch.optim.SGD([x], lr=0.1)
+    with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):
+        SAM([x], lr=0.1)
+
+
+def bn_closure(model, opt, x):
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_freeze_uses_the_model_argument_over_the_module_passed_as_params():
+    # training only the head: the BatchNorm of the whole model (model=) is still frozen
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model, ref = lin_bn_lin(), lin_bn_lin()
+    opt = SAM(model[2], lr=0.1, rho=0.5, model=model)
+    opt.step(bn_closure(model, opt, x))
+    ref(x)  # one train-mode pass at w
+    assert int(model[1].num_batches_tracked) == 1
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean, rtol=0, atol=0)
+    assert torch.equal(model[0].weight, ref[0].weight)  # not trained
+    assert not torch.equal(model[2].weight, ref[2].weight)  # trained
+
+
+def test_freeze_with_a_batchnorm_that_does_not_count_batches():
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model, ref = lin_bn_lin(), lin_bn_lin()
+    model[1].num_batches_tracked = None  # allowed by BatchNorm: it then always uses momentum
+    ref[1].num_batches_tracked = None
+    opt = SAM(model, lr=0.1, rho=0.5)
+    opt.step(bn_closure(model, opt, x))
+    ref(x)
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var, rtol=0, atol=0)
+    assert model[1].num_batches_tracked is None and model[1].momentum == 0.1
+
+
+def test_norm_parameters_shared_parameter_once_and_no_child_parameters():
+    class GatedLayerNorm(nn.LayerNorm):  # a norm type with a sub-module: only its own affine
+        def __init__(self, d):
+            super().__init__(d)
+            self.gate = nn.Linear(d, d)
+
+    ln1, ln2, gated = nn.LayerNorm(3), nn.LayerNorm(3), GatedLayerNorm(3)
+    ln2.weight = ln1.weight  # one parameter in two norm modules
+    model = nn.Sequential(ln1, ln2, gated)
+    got = norm_parameters(model)
+    want = [ln1.weight, ln1.bias, ln2.bias, gated.weight, gated.bias]
+    assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+    # all: 5 affine vectors of 3 + the gate's 3·3 + 3 = 27; norm: 15
+    assert sam_param_counts(model) == {"all": 27, "norm": 15, "no-norm": 12}
+
+
+@pytest.mark.parametrize("policy", ["freeze", "update"])
+def test_freeze_also_holds_instancenorm_running_statistics(policy):
+    # InstanceNorm with track_running_stats=True keeps running statistics like BatchNorm (both
+    # are _NormBase): bn="freeze" leaves them as the pass at w set them
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 5, dtype=torch.float64, generator=g)
+    target = torch.randn(4, 3, 5, dtype=torch.float64, generator=g)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(2, 3, 1),
+                             nn.InstanceNorm1d(3, affine=True, track_running_stats=True)).double()
+    model, ref = make(), make()
+    opt = SAM(model, lr=0.1, rho=0.5, bn=policy)
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) * target).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    ref(x)  # one train-mode pass at w
+    same = [torch.equal(model[1].running_mean, ref[1].running_mean),
+            torch.equal(model[1].running_var, ref[1].running_var)]
+    assert same == ([True, True] if policy == "freeze" else [False, False])
+    assert model[1].momentum == 0.1
+
+
+def test_random_masks_live_on_the_parameters_device():
+    # the meta device stands in for an accelerator: a mask left on the CPU could not multiply the
+    # gradient in first_step ("Tensor on device cpu is not on the expected device meta")
+    model = nn.Linear(2, 3, device="meta")
+    opt = SAM(model, lr=0.1, perturb="random", n_random=4, generator=torch.Generator().manual_seed(0))
+    assert [m.device.type for m in opt._masks] == ["meta", "meta"]
+    for q in model.parameters():
+        q.grad = torch.ones_like(q)
+    opt.first_step()
+    opt.second_step()

@@ -279,6 +279,9 @@ class MultirateSGD(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("multirate", None)
         super().load_state_dict(state_dict)
+        for state in self.state.values():  # Optimizer.load_state_dict casts state to the param's dtype
+            if "slow_mask" in state:
+                state["slow_mask"] = state["slow_mask"].bool()
         if extra is not None:
             self.steps, self.slow_steps = extra["steps"], extra["slow_steps"]
             self.fast_steps = extra["fast_steps"]

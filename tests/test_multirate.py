@@ -1,6 +1,8 @@
 """Tests for landscape_lib.optim.multirate: plain SGD at k = 1, a hand-written Algorithm 1 on a
 quadratic, the random partition's masks, FLOP counts against an analytic count, stability."""
+import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -268,8 +270,223 @@ def test_errors_name_the_valid_choices():
         multirate.partition(model, "layer", fast=(0, 1, 2))
     with pytest.raises(ValueError, match="lr must be positive"):
         MultirateSGD(model.parameters(), lr=0.0)
-    with pytest.raises(TypeError, match="MultirateSGD"):
+    with pytest.raises(TypeError, match="^multirate_step needs a MultirateSGD optimizer, got SGD$"):
         ds = data.load("digits")
         net = models.MLP(64, (8,), 10)
         train.fit(net, ds, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), epochs=1,
                   step=multirate_step, progress=False)
+
+
+def tiny(seed=0):
+    return mlp(seed, dims=(4, 3, 3, 2))  # layers fc1, fc2, out
+
+
+def tiny_batches(n):
+    return [(x, y % 2) for x, y in batches(n, b=4, d=4)]
+
+
+def ids(ps):
+    return [id(p) for p in ps]
+
+
+def test_cost_ratio_and_stable_lr_defaults_and_bounds():
+    # defaults B = 2F, a negligible head: (k + 2)/(3k) = 7/15 at k = 5
+    assert multirate.predicted_cost_ratio(5) == pytest.approx(7 / 15, rel=1e-12)
+    assert multirate.predicted_cost_ratio(5) == multirate.predicted_cost_ratio(5, 2.0, 0.0)
+    # default µ = 0.9: 2·(1 + 0.9)/(1·3.8) = 1
+    assert multirate.stable_lr(1, 3.8) == pytest.approx(1.0, rel=1e-12)
+    assert multirate.stable_lr(2, 0.5, 0.0) == 2.0  # 2·1/(2·0.5): a curvature below 1 is fine
+    for lam in (0, 0.0, -1.0):
+        with pytest.raises(ValueError, match=f"^curvature must be positive, got {lam}$"):
+            multirate.stable_lr(1, lam)
+
+
+def test_partition_defaults_roles_and_layer_index_bounds():
+    model = tiny()
+    head = [model.out.weight, model.out.bias]
+    rest = [model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias]
+    for groups in (multirate.partition(model), multirate.partition(model, "layer", fast=(-1,))):
+        assert [sorted(g) for g in groups] == [["params", "role"]] * 2
+        assert [g["role"] for g in groups] == ["fast", "slow"]
+        assert ids(groups[0]["params"]) == ids(head) and ids(groups[1]["params"]) == ids(rest)
+    # the end points of the index range: -3 is the first layer, 2 the last
+    first = multirate.partition(model, "layer", fast=-3)
+    assert ids(first[0]["params"]) == ids(rest[:2])
+    assert ids(multirate.partition(model, "layer", fast=(2,))[0]["params"]) == ids(head)
+    for bad in (3, -4, True, 1.0):
+        msg = f"layer index {bad!r} out of range: the model has 3 layers with parameters (fc1, fc2, out)"
+        with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+            multirate.partition(model, "layer", fast=(bad,))
+    with pytest.raises(ValueError, match=r"^partition by layer with fast=\(\) leaves the fast part empty$"):
+        multirate.partition(model, "layer", fast=())
+    with pytest.raises(ValueError, match=r"^partition by name with fast=\(\) leaves the fast part empty$"):
+        multirate.partition(model, "name", fast=())
+    with pytest.raises(ValueError, match=r"^partition by layer with fast=\(0, 1, 2\) leaves the slow part empty$"):
+        multirate.partition(model, "layer", fast=(0, 1, 2))
+    msg = ("no parameter named 'head' or under it; parameter names: "
+           "fc1.weight, fc1.bias, fc2.weight, fc2.bias, out.weight, out.bias")
+    with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+        multirate.partition(model, "name", fast="head")
+    # random: both ends of [0, 1] are valid fractions
+    for frac in (0.0, 1.0):
+        (g,) = multirate.partition(model, "random", slow_fraction=frac)
+        assert g["role"] == "random" and g["slow_fraction"] == frac and ids(g["params"]) == ids(rest + head)
+    for frac in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^slow_fraction must lie in \[0, 1\], got {frac}$"):
+            multirate.partition(model, "random", slow_fraction=frac)
+
+
+class Scaled(nn.Module):
+    """A unit with a parameter of its own and a child layer (two units of a layer partition)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2))
+        self.inner = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_a_layer_unit_owns_only_its_direct_parameters():
+    model = nn.Sequential(Scaled(), nn.Linear(2, 2))
+    assert [n for n, _ in multirate.layers(model)] == ["0", "0.inner", "1"]
+    fast, slow = multirate.partition(model, "layer", fast=(0,))
+    assert ids(fast["params"]) == ids([model[0].scale])
+    assert ids(slow["params"]) == ids([model[0].inner.weight, model[0].inner.bias, model[1].weight, model[1].bias])
+
+
+def test_role_less_groups_are_plain_sgd_with_momentum():
+    # the docstring: MultirateSGD(model.parameters(), ...) is torch.optim.SGD(lr, momentum), fast steps included
+    a, b = tiny(), tiny()
+    opt_a = MultirateSGD(a.parameters(), lr=0.05, momentum=0.9, k=3)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    assert opt_a.param_groups[0]["role"] == "fast"
+    for x, y in tiny_batches(4):
+        mr_step(a, opt_a, x, y)
+        opt_b.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert (opt_a.slow_steps, opt_a.fast_steps) == (2, 2)
+
+
+def test_optimizer_defaults_k5_and_drift():
+    def run(**kw):
+        pf = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+        ps = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+        opt = MultirateSGD([{"params": [pf], "role": "fast"}, {"params": [ps], "role": "slow"}], lr=0.25,
+                           momentum=0.5, **kw)
+        slow, pos = [], []
+        for _ in range(7):
+            slow.append(opt.next_is_slow)
+            pf.grad = torch.zeros(1, dtype=torch.float64)
+            ps.grad = torch.full((1,), 2.0, dtype=torch.float64) if opt.next_is_slow else None
+            opt.step()
+            pos.append(float(ps.detach()))
+        return slow, pos
+
+    # k = 5: slow at steps 0 and 5; drift: the slow part moves lr·p_S = 0.25·2 every step, and at step 5
+    # p_S = 0.5·2 + 2 = 3
+    want = ([True, False, False, False, False, True, False], [0.5, 0.0, -0.5, -1.0, -1.5, -2.25, -3.0])
+    assert run() == run(k=5, drift=True) == want
+    # without drift it jumps k·lr·p_S = 2.5 at the slow steps (p_S = 2, then 3: 2.5, then 3.75)
+    assert run(drift=False) == (want[0], [-1.5] * 5 + [-5.25] * 2)
+
+
+def test_momentum_and_slow_fraction_bounds():
+    p = nn.Parameter(torch.tensor([1.0]))
+    opt = MultirateSGD([p], lr=0.25, momentum=0.0, k=1)  # µ = 0 is allowed: plain gradient descent
+    for want in (0.5, 0.0):
+        p.grad = torch.tensor([2.0])
+        opt.step()
+        assert float(p.detach()) == want
+    for mu in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^momentum must lie in \[0, 1\), got {mu}$"):
+            MultirateSGD([p], lr=0.1, momentum=mu)
+    for frac in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^slow_fraction must lie in \[0, 1\], got {frac}$"):
+            MultirateSGD([{"params": [p], "role": "random"}], lr=0.1, slow_fraction=frac)
+    # both ends of [0, 1]: nothing slow, everything slow
+    for frac, want in ((0.0, False), (1.0, True)):
+        q = nn.Parameter(torch.zeros(50))
+        opt = MultirateSGD([{"params": [q], "role": "random"}], lr=0.1, slow_fraction=frac)
+        q.grad = torch.ones(50)
+        opt.step()
+        assert torch.equal(opt.masks()[q], torch.full((50,), want))
+
+
+def test_an_element_drawn_exactly_at_slow_fraction_is_fast():
+    # slow with probability slow_fraction: slow iff the uniform draw u < slow_fraction
+    u = torch.rand(7, generator=torch.Generator().manual_seed(3))
+    order = torch.argsort(u)
+    frac = float(u[order[3]])  # three draws below, one equal, three above
+    p = nn.Parameter(torch.zeros(7))
+    opt = MultirateSGD([{"params": [p], "role": "random", "slow_fraction": frac}], lr=0.1, k=2,
+                       generator=torch.Generator().manual_seed(3))
+    p.grad = torch.ones(7)
+    opt.step()
+    mask = opt.masks()[p]
+    want = torch.zeros(7, dtype=torch.bool)
+    want[order[:3]] = True
+    assert torch.equal(mask, want)
+
+
+def test_default_generator_is_seeded_from_the_global_rng():
+    model = tiny()
+    seeds = []
+    for s in (0, 1):
+        torch.manual_seed(s)
+        opt = MultirateSGD(multirate.partition(model, "random"), lr=0.1)
+        torch.manual_seed(s)  # replay: the global RNG's next 64-bit word, cut to a seed in [0, 2**62)
+        word = int(torch.empty((), dtype=torch.int64).random_())
+        assert opt.generator.initial_seed() == word % 2**62
+        seeds.append(opt.generator.initial_seed())
+    assert seeds[0] != seeds[1]
+
+
+def test_slow_modules_are_cached_per_model():
+    model = tiny()
+    opt = MultirateSGD(multirate.partition(model, "layer"), lr=0.1)
+    first = opt.slow_modules(model)
+    assert first == [model.fc1, model.fc2]
+    assert opt.slow_modules(model) is first  # cached
+    other = nn.Sequential(model.fc2, nn.Linear(3, 2))  # shares one slow layer
+    assert opt.slow_modules(other) == [model.fc2]
+
+
+def test_state_dict_resumes_a_random_partition_mid_cycle():
+    model, resumed = tiny(), tiny()
+    opt = MultirateSGD(multirate.partition(model, "random"), lr=0.05, k=3,
+                       generator=torch.Generator().manual_seed(1))
+    bs = tiny_batches(7)
+    for x, y in bs[:4]:  # slow at 0 and 3
+        mr_step(model, opt, x, y)
+    resumed.load_state_dict(model.state_dict())
+    o2 = MultirateSGD(multirate.partition(resumed, "random"), lr=0.05, k=3)
+    o2.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict holds references
+    assert (o2.steps, o2.slow_steps, o2.fast_steps) == (4, 2, 2)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(opt.masks()[p], o2.masks()[q])
+    for x, y in bs[4:]:  # fast, fast (with the loaded masks), slow
+        mr_step(model, opt, x, y)
+        mr_step(resumed, o2, x, y)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert (o2.steps, o2.slow_steps, o2.fast_steps) == (7, 3, 4)
+
+
+def test_load_state_dict_without_the_multirate_counters():
+    # a plain Optimizer state (no "multirate" entry) loads the buffers and leaves the counters at 0
+    model = tiny()
+    opt = MultirateSGD(multirate.partition(model, "layer"), lr=0.05, k=3)
+    for x, y in tiny_batches(2):
+        mr_step(model, opt, x, y)
+    old = copy.deepcopy(torch.optim.Optimizer.state_dict(opt))
+    assert "multirate" not in old
+    o2 = MultirateSGD(multirate.partition(model, "layer"), lr=0.05, k=3)
+    o2.load_state_dict(old)
+    assert (o2.steps, o2.slow_steps, o2.fast_steps) == (0, 0, 0) and o2.next_is_slow
+    for p in model.parameters():
+        assert torch.equal(o2.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])

@@ -283,16 +283,16 @@ class IterateAveraging(torch.optim.Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    @torch.no_grad()
     def _average(self) -> None:
-        params = self._params()
-        if self.n_averaged == 0:
-            for p in params:
-                self.state[p]["ia_mean"] = p.detach().clone()
-        else:
-            self._avg_fn([self.state[p]["ia_mean"] for p in params], [p.detach() for p in params],
-                         self.n_averaged)
-        self.n_averaged += 1
+        with torch.no_grad():
+            params = self._params()
+            if self.n_averaged == 0:
+                for p in params:
+                    self.state[p]["ia_mean"] = p.detach().clone()
+            else:
+                self._avg_fn([self.state[p]["ia_mean"] for p in params], [p.detach() for p in params],
+                             self.n_averaged)
+            self.n_averaged += 1
 
     def step(self, closure=None):
         """One step of the wrapped optimizer, then the averaging update if it is due."""
@@ -375,22 +375,22 @@ class SWAG:
         """Number of stored deviations, ``min(n, K)``."""
         return min(self.n, self.max_rank)
 
-    @torch.no_grad()
     def collect(self, model: nn.Module) -> None:
         """Add the model's current parameters θ_i to the moments and the deviation buffer."""
-        theta = parameters_to_vector([p for p in model.parameters() if p.requires_grad])
-        if theta.numel() != self.dim:
-            raise ValueError(f"model has {theta.numel()} trainable parameters, SWAG holds {self.dim}")
-        theta = theta.to(self.dtype)
-        w = 1.0 / (self.n + 1)
-        # θ̄ ← (n θ̄ + θ)/(n+1),  θ̄₂ ← (n θ̄₂ + θ²)/(n+1)
-        self.mean.mul_(1 - w).add_(theta, alpha=w)
-        self.sq_mean.mul_(1 - w).add_(theta * theta, alpha=w)
-        # D_i = θ_i − θ̄ with the *updated* mean; overwrite the oldest of the last K
-        if self.max_rank > 0:
-            self._dev[self._next].copy_(theta - self.mean)
-            self._next = (self._next + 1) % self.max_rank
-        self.n += 1
+        with torch.no_grad():
+            theta = parameters_to_vector([p for p in model.parameters() if p.requires_grad])
+            if theta.numel() != self.dim:
+                raise ValueError(f"model has {theta.numel()} trainable parameters, SWAG holds {self.dim}")
+            theta = theta.to(self.dtype)
+            w = 1.0 / (self.n + 1)
+            # θ̄ ← (n θ̄ + θ)/(n+1),  θ̄₂ ← (n θ̄₂ + θ²)/(n+1)
+            self.mean.mul_(1 - w).add_(theta, alpha=w)
+            self.sq_mean.mul_(1 - w).add_(theta * theta, alpha=w)
+            # D_i = θ_i − θ̄ with the *updated* mean; overwrite the oldest of the last K
+            if self.max_rank > 0:
+                self._dev[self._next].copy_(theta - self.mean)
+                self._next = (self._next + 1) % self.max_rank
+            self.n += 1
 
     def callback(self, start: int = 1, every: int = 1) -> Callable:
         """A ``train.fit`` callback collecting at the end of epochs ``start, start + every, …``."""
@@ -432,7 +432,6 @@ class SWAG:
             cov = cov + dhat.T @ dhat / (self.rank - 1)
         return cov
 
-    @torch.no_grad()
     def sample(self, scale: float = 0.5, use_lowrank: bool = True,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw ``θ̃ ∼ N(θ̄, scale·(Σ_diag + Σ_lr))`` (Σ_lr dropped for SWAG-diagonal).
@@ -440,23 +439,24 @@ class SWAG:
         ``scale = 0`` returns θ̄ (SWA). The Gaussians are drawn on the CPU from ``generator``
         so a seed gives the same samples on every device.
         """
-        if scale < 0:
-            raise ValueError(f"scale must be >= 0, got {scale}")
-        self._need(2 if use_lowrank else 1)
-        z1 = torch.randn(self.dim, generator=generator, dtype=self.dtype).to(self.mean.device)
-        # Σ_diag^{1/2} z₁: the standard deviation, not the variance, scales the noise
-        noise = self.variance.sqrt() * z1
-        if use_lowrank:
-            z2 = torch.randn(self.rank, generator=generator, dtype=self.dtype).to(self.mean.device)
-            noise += (self.deviations.T @ z2) / (self.rank - 1) ** 0.5
-        return self.mean + scale ** 0.5 * noise
+        with torch.no_grad():
+            if scale < 0:
+                raise ValueError(f"scale must be >= 0, got {scale}")
+            self._need(2 if use_lowrank else 1)
+            z1 = torch.randn(self.dim, generator=generator, dtype=self.dtype).to(self.mean.device)
+            # Σ_diag^{1/2} z₁: the standard deviation, not the variance, scales the noise
+            noise = self.variance.sqrt() * z1
+            if use_lowrank:
+                z2 = torch.randn(self.rank, generator=generator, dtype=self.dtype).to(self.mean.device)
+                noise += (self.deviations.T @ z2) / (self.rank - 1) ** 0.5
+            return self.mean + scale ** 0.5 * noise
 
-    @torch.no_grad()
     def load(self, model: nn.Module, theta: torch.Tensor) -> nn.Module:
         """Write a flat vector (θ̄ or a sample) into ``model``'s trainable parameters."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        vector_to_parameters(theta.to(params[0].dtype), params)
-        return model
+        with torch.no_grad():
+            params = [p for p in model.parameters() if p.requires_grad]
+            vector_to_parameters(theta.to(params[0].dtype), params)
+            return model
 
 
 @dataclass

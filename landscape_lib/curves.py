@@ -336,7 +336,6 @@ class CurveStats:
                 "max": float(v.max()), "avg": float(v.mean()), "int": arc_average(v, self.dl)}
 
 
-@torch.no_grad()
 def evaluate(curve: Curve, ts, x_train: torch.Tensor, y_train: torch.Tensor,
              x_test: torch.Tensor, y_test: torch.Tensor, *, bn_data: torch.Tensor | None = None,
              loss_fn: LossFn = train.cross_entropy, batch_size: int = 4096) -> CurveStats:
@@ -345,31 +344,32 @@ def evaluate(curve: Curve, ts, x_train: torch.Tensor, y_train: torch.Tensor,
     For models with BatchNorm the running statistics are re-estimated at every ``φ(t)`` on
     ``bn_data`` (default: ``x_train``) before evaluating in eval mode.
     """
-    ts = np.asarray(ts, dtype=np.float64).reshape(-1)
-    if ts.size == 0:
-        raise ValueError("no values of t to evaluate: pass at least one")
-    for t in ts:
-        _check_t(t)
-    bn_data = x_train if bn_data is None else bn_data
-    work = copy.deepcopy(curve.template)
-    rows, dl, sq, prev = [], [], [], None
-    for t in ts:
-        w = curve.weights(float(t))
-        vec = P.to_vector(w)
-        dl.append(0.0 if prev is None else float((vec - prev).double().norm()))
-        sq.append(float(vec.double().pow(2).sum()))
-        prev = vec
-        P.load(work, w)
-        P.recompute_bn(work, bn_data, batch_size=batch_size)
-        work.eval()
-        row = []
-        for x, y in ((x_train, y_train), (x_test, y_test)):
-            out = torch.cat([work(xb) for xb in x.split(batch_size)])
-            row += [float(loss_fn(out, y)), float((out.argmax(1) == y).float().mean())]
-        rows.append(row)
-    r = np.asarray(rows)
-    return CurveStats(ts=ts, dl=np.asarray(dl), sq_norm=np.asarray(sq), train_nll=r[:, 0],
-                      train_acc=r[:, 1], test_nll=r[:, 2], test_acc=r[:, 3])
+    with torch.no_grad():
+        ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+        if ts.size == 0:
+            raise ValueError("no values of t to evaluate: pass at least one")
+        for t in ts:
+            _check_t(t)
+        bn_data = x_train if bn_data is None else bn_data
+        work = copy.deepcopy(curve.template)
+        rows, dl, sq, prev = [], [], [], None
+        for t in ts:
+            w = curve.weights(float(t))
+            vec = P.to_vector(w)
+            dl.append(0.0 if prev is None else float((vec - prev).double().norm()))
+            sq.append(float(vec.double().pow(2).sum()))
+            prev = vec
+            P.load(work, w)
+            P.recompute_bn(work, bn_data, batch_size=batch_size)
+            work.eval()
+            row = []
+            for x, y in ((x_train, y_train), (x_test, y_test)):
+                out = torch.cat([work(xb) for xb in x.split(batch_size)])
+                row += [float(loss_fn(out, y)), float((out.argmax(1) == y).float().mean())]
+            rows.append(row)
+        r = np.asarray(rows)
+        return CurveStats(ts=ts, dl=np.asarray(dl), sq_norm=np.asarray(sq), train_nll=r[:, 0],
+                          train_acc=r[:, 1], test_nll=r[:, 2], test_acc=r[:, 3])
 
 
 # --- the plane through the curve ---------------------------------------------------------
@@ -391,8 +391,8 @@ def plane(curve: Curve, bend: int | None = None) -> directions.Plane:
     return directions.plane_through(ends[0], ends[-1], bends[i])
 
 
-@torch.no_grad()
 def project(curve: Curve, pl: directions.Plane, ts) -> np.ndarray:
     """Coordinates ``[len(ts), 2]`` of ``φ(t)`` projected onto the plane ``pl``."""
-    ts = np.asarray(ts, dtype=np.float64).reshape(-1)
-    return np.array([pl.project(curve.weights(float(t))) for t in ts])
+    with torch.no_grad():
+        ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+        return np.array([pl.project(curve.weights(float(t))) for t in ts])

@@ -269,39 +269,39 @@ def _evaluate_loop(model, center, directions, coeffs, x, y, loss_fn, bn, bn_data
     return Points(loss, acc)
 
 
-@torch.no_grad()
 def _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn, chunk_size) -> Points:
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    buffers = dict(model.named_buffers())
-    dtype = next(iter(center.values())).dtype
-    device = next(iter(center.values())).device
-    # D[k]: [n_dirs, *shape] (zeros where a direction leaves a tensor alone)
-    stacked = {k: torch.stack([d[k] if k in d else torch.zeros_like(c) for d in directions])
-               for k, c in center.items()}
+    with torch.no_grad():
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        buffers = dict(model.named_buffers())
+        dtype = next(iter(center.values())).dtype
+        device = next(iter(center.values())).device
+        # D[k]: [n_dirs, *shape] (zeros where a direction leaves a tensor alone)
+        stacked = {k: torch.stack([d[k] if k in d else torch.zeros_like(c) for d in directions])
+                   for k, c in center.items()}
 
-    def logits(theta):
-        return functional_call(model, ({**buffers, **theta},), (x,), tie_weights=False)
+        def logits(theta):
+            return functional_call(model, ({**buffers, **theta},), (x,), tie_weights=False)
 
-    batched = vmap(logits)
-    batched_loss = vmap(loss_fn, in_dims=(0, None))
-    losses, accs = [], []
-    for start in range(0, len(coeffs), chunk_size):
-        cm = torch.as_tensor(coeffs[start:start + chunk_size], dtype=dtype, device=device)
-        # θ[m] = θ* + Σ_i C[m, i] D_i  for every tensor, as one contraction
-        theta = {k: center[k].unsqueeze(0) + torch.tensordot(cm, stacked[k], dims=1)
-                 for k in center}
-        try:
-            out = batched(theta)  # [m, N, classes]
-            loss = batched_loss(out, y)
-        except RuntimeError as err:
-            # the first chunk tells whether vmap can batch this model and loss at all
-            if start == 0 and _vmap_cannot_batch(err):
-                raise _VmapUnsupported() from err
-            raise
-        losses.append(loss.double().cpu())
-        accs.append((out.argmax(-1) == y).double().mean(1).cpu())
-    return Points(torch.cat(losses).numpy(), torch.cat(accs).numpy())
+        batched = vmap(logits)
+        batched_loss = vmap(loss_fn, in_dims=(0, None))
+        losses, accs = [], []
+        for start in range(0, len(coeffs), chunk_size):
+            cm = torch.as_tensor(coeffs[start:start + chunk_size], dtype=dtype, device=device)
+            # θ[m] = θ* + Σ_i C[m, i] D_i  for every tensor, as one contraction
+            theta = {k: center[k].unsqueeze(0) + torch.tensordot(cm, stacked[k], dims=1)
+                     for k in center}
+            try:
+                out = batched(theta)  # [m, N, classes]
+                loss = batched_loss(out, y)
+            except RuntimeError as err:
+                # the first chunk tells whether vmap can batch this model and loss at all
+                if start == 0 and _vmap_cannot_batch(err):
+                    raise _VmapUnsupported() from err
+                raise
+            losses.append(loss.double().cpu())
+            accs.append((out.argmax(-1) == y).double().mean(1).cpu())
+        return Points(torch.cat(losses).numpy(), torch.cat(accs).numpy())
 
 
 @dataclass
@@ -342,7 +342,6 @@ def plane(model: nn.Module, center: Weights, d1: Weights, d2: Weights, alphas, b
     return Surface(a, b, pts.loss.reshape(shape).T.copy(), pts.acc.reshape(shape).T.copy())
 
 
-@torch.no_grad()
 def states(model: nn.Module, points: Sequence[Mapping[str, torch.Tensor]], x: torch.Tensor,
            y: torch.Tensor, *, loss_fn: LossFn = cross_entropy, bn: str = "keep",
            bn_data: torch.Tensor | None = None) -> Points:
@@ -353,23 +352,24 @@ def states(model: nn.Module, points: Sequence[Mapping[str, torch.Tensor]], x: to
     :func:`evaluate`: ``keep`` uses the buffers in each point (or the model's), ``recompute``
     re-estimates them at each point on ``bn_data``.
     """
-    if not points:
-        raise ValueError("no points to evaluate: a path needs at least one point")
-    if bn not in BN_MODES:
-        raise ValueError(f"unknown bn mode {bn!r}; valid bn modes: {', '.join(BN_MODES)}")
-    if bn == "recompute" and bn_data is None:
-        raise ValueError("bn='recompute' needs bn_data (training inputs to re-estimate statistics)")
-    work = copy.deepcopy(model)
-    losses, accs = [], []
-    for point in points:
-        P.load(work, point)
-        if bn == "recompute":
-            P.recompute_bn(work, bn_data)
-        work.eval()
-        out = work(x)
-        losses.append(loss_fn(out, y).item())
-        accs.append((out.argmax(1) == y).float().mean().item())
-    return Points(np.array(losses), np.array(accs))
+    with torch.no_grad():
+        if not points:
+            raise ValueError("no points to evaluate: a path needs at least one point")
+        if bn not in BN_MODES:
+            raise ValueError(f"unknown bn mode {bn!r}; valid bn modes: {', '.join(BN_MODES)}")
+        if bn == "recompute" and bn_data is None:
+            raise ValueError("bn='recompute' needs bn_data (training inputs to re-estimate statistics)")
+        work = copy.deepcopy(model)
+        losses, accs = [], []
+        for point in points:
+            P.load(work, point)
+            if bn == "recompute":
+                P.recompute_bn(work, bn_data)
+            work.eval()
+            out = work(x)
+            losses.append(loss_fn(out, y).item())
+            accs.append((out.argmax(1) == y).float().mean().item())
+        return Points(np.array(losses), np.array(accs))
 
 
 # --- shape summaries -------------------------------------------------------------------------

@@ -115,56 +115,56 @@ class ConstrainedLangevin(torch.optim.Optimizer):
                         f"({group['manifold']!r}): {what}; hyperparameters {hyper}. "
                         "Try a smaller lr.")
 
-    @torch.no_grad()
     def step(self, closure: Callable | None = None):
         """One step of every group; ``closure`` re-evaluates the loss (returned)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._steps += 1
-        for i, group in enumerate(self.param_groups):
-            lr, mu, tau = group["lr"], group["momentum"], group["temperature"]
-            wd, manifold = group["weight_decay"], group["manifold"]
-            under = group["dynamics"] == "underdamped"
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not torch.isfinite(g).all():
-                    raise self._diverged(i, group, "non-finite gradient")
-                if wd:
-                    g = g.add(p, alpha=wd)
-                state = self.state[p]
-                if manifold is None:
-                    self._free_step(p, g, state, lr, mu, tau, under)
-                    continue
-                q = manifold.coords(p, state)
-                f = manifold.lift(g)
-                if under:
-                    buf = state.get("momentum_buffer")
-                    buf = torch.zeros_like(q) if buf is None else buf
-                    buf = buf.mul(mu)                                      # O
-                    if tau > 0:  # (without noise μ·b is tangent already: b is RATTLE's)
-                        buf.add_(self._noise(q), alpha=math.sqrt((1 - mu * mu) * tau / lr))
-                        buf = manifold.tangent(q, buf)
-                    buf = manifold.tangent(q, buf + f)                     # B
-                    trial = q - lr * buf                                   # A
-                else:
-                    trial = q - lr * f
-                    if tau > 0:
-                        trial.add_(self._noise(q), alpha=math.sqrt(2 * lr * tau))
-                try:
-                    q_new, iters = manifold.solve_position(q, trial)      # SHAKE
-                except manifolds.NotConverged as err:
-                    raise self._diverged(i, group, str(err)) from err
-                if not torch.isfinite(q_new).all():
-                    raise self._diverged(i, group, "non-finite weights")
-                if under:                                                  # RATTLE
-                    state["momentum_buffer"] = manifold.tangent(q_new, (q - q_new) / lr)
-                state["shake_iters"] = iters
-                manifold.write(p, q_new, state)
-        return loss
+        with torch.no_grad():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._steps += 1
+            for i, group in enumerate(self.param_groups):
+                lr, mu, tau = group["lr"], group["momentum"], group["temperature"]
+                wd, manifold = group["weight_decay"], group["manifold"]
+                under = group["dynamics"] == "underdamped"
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g = p.grad
+                    if not torch.isfinite(g).all():
+                        raise self._diverged(i, group, "non-finite gradient")
+                    if wd:
+                        g = g.add(p, alpha=wd)
+                    state = self.state[p]
+                    if manifold is None:
+                        self._free_step(p, g, state, lr, mu, tau, under)
+                        continue
+                    q = manifold.coords(p, state)
+                    f = manifold.lift(g)
+                    if under:
+                        buf = state.get("momentum_buffer")
+                        buf = torch.zeros_like(q) if buf is None else buf
+                        buf = buf.mul(mu)                                      # O
+                        if tau > 0:  # (without noise μ·b is tangent already: b is RATTLE's)
+                            buf.add_(self._noise(q), alpha=math.sqrt((1 - mu * mu) * tau / lr))
+                            buf = manifold.tangent(q, buf)
+                        buf = manifold.tangent(q, buf + f)                     # B
+                        trial = q - lr * buf                                   # A
+                    else:
+                        trial = q - lr * f
+                        if tau > 0:
+                            trial.add_(self._noise(q), alpha=math.sqrt(2 * lr * tau))
+                    try:
+                        q_new, iters = manifold.solve_position(q, trial)      # SHAKE
+                    except manifolds.NotConverged as err:
+                        raise self._diverged(i, group, str(err)) from err
+                    if not torch.isfinite(q_new).all():
+                        raise self._diverged(i, group, "non-finite weights")
+                    if under:                                                  # RATTLE
+                        state["momentum_buffer"] = manifold.tangent(q_new, (q - q_new) / lr)
+                    state["shake_iters"] = iters
+                    manifold.write(p, q_new, state)
+            return loss
 
     def _free_step(self, p, g, state, lr, mu, tau, under):
         # unconstrained: exactly torch.optim.SGD(lr, momentum) at τ = 0
@@ -186,19 +186,19 @@ class ConstrainedLangevin(torch.optim.Optimizer):
                            f"weights (lr={lr}, momentum={mu}, temperature={tau})")
 
     # --- monitors -----------------------------------------------------------------------------
-    @torch.no_grad()
     def residuals(self) -> list[dict]:
         """The constraint residual of every constrained parameter: ``group``, ``index``,
         ``shape``, ``constraint`` and ``residual`` (see each manifold's ``residual``)."""
-        out = []
-        for i, group in enumerate(self.param_groups):
-            m = group["manifold"]
-            if m is None:
-                continue
-            for j, p in enumerate(group["params"]):
-                out.append(dict(group=i, index=j, shape=tuple(p.shape), constraint=repr(m),
-                                residual=m.residual(m.coords(p, self.state[p]))))
-        return out
+        with torch.no_grad():
+            out = []
+            for i, group in enumerate(self.param_groups):
+                m = group["manifold"]
+                if m is None:
+                    continue
+                for j, p in enumerate(group["params"]):
+                    out.append(dict(group=i, index=j, shape=tuple(p.shape), constraint=repr(m),
+                                    residual=m.residual(m.coords(p, self.state[p]))))
+            return out
 
     def max_residual(self) -> float:
         """The largest constraint residual over all constrained parameters (0 if none)."""

@@ -121,62 +121,62 @@ class EntropySGD(torch.optim.Optimizer):
         g = self.param_groups[group]
         return g["gamma0"] * (1.0 + g["gamma1"]) ** g["t"]
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One outer step; ``closure`` is called ``L`` times (fresh batches under ``train.fit``).
 
         Returns the first closure's loss (at ``x``, on the step's batch). ``state[p]["mu"]`` keeps
         the last ``μ`` (the estimate of ``⟨x'⟩``).
         """
-        if closure is None:
-            raise ValueError("EntropySGD needs a closure (zero_grad, forward, backward, return "
-                             "loss): the inner loop evaluates it L times")
-        L = {g["L"] for g in self.param_groups}
-        if len(L) != 1:
-            raise ValueError(f"every param group must have the same L, got {sorted(L)}")
-        L = L.pop()
-        gammas = [self.gamma(i) for i in range(len(self.param_groups))]
-        # x (kept), μ ← x; x' lives in the parameters during the inner loop
-        anchors = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]
-        means = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]
-        loss = None
-        for ell in range(L):
-            with torch.enable_grad():
-                out = closure()
-            if ell == 0:
-                loss = out
-            for group, gamma, xs, mus in zip(self.param_groups, gammas, anchors, means):
-                a = group["alpha"]
-                live = [j for j, p in enumerate(group["params"]) if p.grad is not None]
-                ps = [group["params"][j] for j in live]
-                if not ps:
-                    continue
-                x_, mu_ = [xs[j] for j in live], [mus[j] for j in live]
-                # dx' = ∇f(x') + λx' + γ(x' − x)
-                d = torch._foreach_sub(ps, x_)
-                torch._foreach_mul_(d, gamma)
-                torch._foreach_add_(d, [p.grad for p in ps])
-                if group["weight_decay"]:
-                    torch._foreach_add_(d, ps, alpha=group["weight_decay"])
-                sgld_step_(ps, d, group["inner_lr"], group["noise"], self.generator)
-                # μ ← (1 − α)μ + αx'
-                torch._foreach_mul_(mu_, 1.0 - a)
-                torch._foreach_add_(mu_, ps, alpha=a)
-        # outer step from x along x − μ, with (Nesterov) momentum
-        for group, xs, mus in zip(self.param_groups, anchors, means):
-            m = group["momentum"]
-            for p, x, mu in zip(group["params"], xs, mus):
-                p.copy_(x)
-                d = x - mu
-                state = self.state[p]
-                if m > 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.clone()
-                    else:
-                        buf.mul_(m).add_(d)
-                    d = d.add(buf, alpha=m) if group["nesterov"] else buf
-                p.add_(d, alpha=-group["lr"])
-                state["mu"] = mu
-            group["t"] += 1
-        return loss
+        with torch.no_grad():
+            if closure is None:
+                raise ValueError("EntropySGD needs a closure (zero_grad, forward, backward, return "
+                                 "loss): the inner loop evaluates it L times")
+            L = {g["L"] for g in self.param_groups}
+            if len(L) != 1:
+                raise ValueError(f"every param group must have the same L, got {sorted(L)}")
+            L = L.pop()
+            gammas = [self.gamma(i) for i in range(len(self.param_groups))]
+            # x (kept), μ ← x; x' lives in the parameters during the inner loop
+            anchors = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]
+            means = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]
+            loss = None
+            for ell in range(L):
+                with torch.enable_grad():
+                    out = closure()
+                if ell == 0:
+                    loss = out
+                for group, gamma, xs, mus in zip(self.param_groups, gammas, anchors, means):
+                    a = group["alpha"]
+                    live = [j for j, p in enumerate(group["params"]) if p.grad is not None]
+                    ps = [group["params"][j] for j in live]
+                    if not ps:
+                        continue
+                    x_, mu_ = [xs[j] for j in live], [mus[j] for j in live]
+                    # dx' = ∇f(x') + λx' + γ(x' − x)
+                    d = torch._foreach_sub(ps, x_)
+                    torch._foreach_mul_(d, gamma)
+                    torch._foreach_add_(d, [p.grad for p in ps])
+                    if group["weight_decay"]:
+                        torch._foreach_add_(d, ps, alpha=group["weight_decay"])
+                    sgld_step_(ps, d, group["inner_lr"], group["noise"], self.generator)
+                    # μ ← (1 − α)μ + αx'
+                    torch._foreach_mul_(mu_, 1.0 - a)
+                    torch._foreach_add_(mu_, ps, alpha=a)
+            # outer step from x along x − μ, with (Nesterov) momentum
+            for group, xs, mus in zip(self.param_groups, anchors, means):
+                m = group["momentum"]
+                for p, x, mu in zip(group["params"], xs, mus):
+                    p.copy_(x)
+                    d = x - mu
+                    state = self.state[p]
+                    if m > 0:
+                        buf = state.get("momentum_buffer")
+                        if buf is None:
+                            buf = state["momentum_buffer"] = d.clone()
+                        else:
+                            buf.mul_(m).add_(d)
+                        d = d.add(buf, alpha=m) if group["nesterov"] else buf
+                    p.add_(d, alpha=-group["lr"])
+                    state["mu"] = mu
+                group["t"] += 1
+            return loss

@@ -193,61 +193,61 @@ class MultirateSGD(torch.optim.Optimizer):
                     m = torch.rand(p.shape, generator=self.generator, device=self.generator.device)
                     self.state[p]["slow_mask"] = (m < g["slow_fraction"]).to(p.device)
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One batch's update (slow if :attr:`next_is_slow`); ``closure`` computes the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        slow = self.next_is_slow
-        if slow:
-            self._redraw()
-        k = self.k
-        for g in self.param_groups:
-            lr, mu, wd, role, drift = g["lr"], g["momentum"], g["weight_decay"], g["role"], g["drift"]
-            for p in g["params"]:
-                state = self.state[p]
-                fresh = slow or role != "slow"  # this step reads this tensor's gradient
-                if fresh and p.grad is None:
-                    if slow:
-                        raise RuntimeError("a slow step needs the gradient of every parameter; "
-                                           "one has none (was the backward run in full?)")
-                    continue
-                if fresh:
-                    d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.clone()
-                    elif role == "random" and not slow:  # slow elements keep a frozen buffer
-                        buf.copy_(torch.where(state["slow_mask"], buf, buf * mu + d))
-                    else:
-                        buf.mul_(mu).add_(d)
-                else:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
+        with torch.no_grad():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            slow = self.next_is_slow
+            if slow:
+                self._redraw()
+            k = self.k
+            for g in self.param_groups:
+                lr, mu, wd, role, drift = g["lr"], g["momentum"], g["weight_decay"], g["role"], g["drift"]
+                for p in g["params"]:
+                    state = self.state[p]
+                    fresh = slow or role != "slow"  # this step reads this tensor's gradient
+                    if fresh and p.grad is None:
+                        if slow:
+                            raise RuntimeError("a slow step needs the gradient of every parameter; "
+                                               "one has none (was the backward run in full?)")
                         continue
-                # positions: fast (and slow with drift) move lr·buf each step; without drift the
-                # slow part jumps k·lr·buf at the slow step and stands still otherwise
-                if role == "fast":
-                    p.add_(buf, alpha=-lr)
-                elif role == "slow":
-                    if drift:
-                        p.add_(buf, alpha=-lr)
-                    elif slow:
-                        p.add_(buf, alpha=-lr * k)
-                else:  # random: fast elements move lr·buf, slow ones as the slow role
-                    s_slow = 1.0 if drift else (float(k) if slow else 0.0)
-                    if s_slow == 1.0:
-                        p.add_(buf, alpha=-lr)
+                    if fresh:
+                        d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                        buf = state.get("momentum_buffer")
+                        if buf is None:
+                            buf = state["momentum_buffer"] = d.clone()
+                        elif role == "random" and not slow:  # slow elements keep a frozen buffer
+                            buf.copy_(torch.where(state["slow_mask"], buf, buf * mu + d))
+                        else:
+                            buf.mul_(mu).add_(d)
                     else:
-                        p.sub_(torch.where(state["slow_mask"], buf * s_slow, buf), alpha=lr)
-        self.steps += 1
-        if slow:
-            self.slow_steps += 1
-        else:
-            self.fast_steps += 1
-        return loss
+                        buf = state.get("momentum_buffer")
+                        if buf is None:
+                            continue
+                    # positions: fast (and slow with drift) move lr·buf each step; without drift the
+                    # slow part jumps k·lr·buf at the slow step and stands still otherwise
+                    if role == "fast":
+                        p.add_(buf, alpha=-lr)
+                    elif role == "slow":
+                        if drift:
+                            p.add_(buf, alpha=-lr)
+                        elif slow:
+                            p.add_(buf, alpha=-lr * k)
+                    else:  # random: fast elements move lr·buf, slow ones as the slow role
+                        s_slow = 1.0 if drift else (float(k) if slow else 0.0)
+                        if s_slow == 1.0:
+                            p.add_(buf, alpha=-lr)
+                        else:
+                            p.sub_(torch.where(state["slow_mask"], buf * s_slow, buf), alpha=lr)
+            self.steps += 1
+            if slow:
+                self.slow_steps += 1
+            else:
+                self.fast_steps += 1
+            return loss
 
     def slow_modules(self, model: nn.Module) -> list[nn.Module]:
         """The largest submodules of ``model`` whose parameters are all slow (cached)."""

@@ -51,47 +51,47 @@ class Padam(torch.optim.Optimizer):
                         decoupled_weight_decay=bool(decoupled_weight_decay))
         super().__init__(params, defaults)
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One Padam step; ``closure`` re-evaluates the loss (returned)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            wd, partial = group["weight_decay"], group["partial"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("Padam does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+        with torch.no_grad():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+                wd, partial = group["weight_decay"], group["partial"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    grad = p.grad
+                    if grad.is_sparse:
+                        raise RuntimeError("Padam does not support sparse gradients")
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                        if group["amsgrad"]:
+                            state["max_exp_avg_sq"] = torch.zeros_like(p)
+                    # decoupled decay θ ← θ(1 − ηλ), or L2: g ← g + λθ
+                    if wd != 0:
+                        if group["decoupled_weight_decay"]:
+                            p.mul_(1.0 - lr * wd)
+                        else:
+                            grad = grad.add(p, alpha=wd)
+                    state["step"] += 1
+                    m, v = state["exp_avg"], state["exp_avg_sq"]
+                    # m_t, v_t: exponential moving averages of g and g²
+                    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                     if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p)
-                # decoupled decay θ ← θ(1 − ηλ), or L2: g ← g + λθ
-                if wd != 0:
-                    if group["decoupled_weight_decay"]:
-                        p.mul_(1.0 - lr * wd)
+                        torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+                        v_hat = state["max_exp_avg_sq"]
                     else:
-                        grad = grad.add(p, alpha=wd)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                # m_t, v_t: exponential moving averages of g and g²
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                if group["amsgrad"]:
-                    torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-                    v_hat = state["max_exp_avg_sq"]
-                else:
-                    v_hat = v
-                # θ ← θ − η √(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v̂ + ε)^{2p}
-                denom = (v_hat.sqrt() + eps).pow(2.0 * partial)
-                step_size = lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-                p.addcdiv_(m, denom, value=-step_size)
-        return loss
+                        v_hat = v
+                    # θ ← θ − η √(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v̂ + ε)^{2p}
+                    denom = (v_hat.sqrt() + eps).pow(2.0 * partial)
+                    step_size = lr * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+                    p.addcdiv_(m, denom, value=-step_size)
+            return loss

@@ -194,53 +194,53 @@ class SAM(torch.optim.Optimizer):
             return None
         return q.abs().add(group["eta"])
 
-    @torch.no_grad()
     def first_step(self) -> None:
         """Move to ``w + ε`` (ε from the gradients in ``.grad``); remember ε."""
         # per perturbed tensor: T·g (masked), and T (None without ASAM); p: one ball for all groups
-        params, tgs, scales, rhos, balls, masks, i = [], [], [], [], [], [], -1
-        for group in self.param_groups:
-            for q in group["params"]:
-                i += 1
-                m = self._masks[i]
-                if q.grad is None or m is False:
-                    continue
-                t = self._scale(q, group, self._is_bias[i])
-                tg = q.grad if t is None else q.grad * t
-                if m is not True:
-                    tg = tg * m
-                params.append(q), tgs.append(tg), scales.append(t), rhos.append(group["rho"])
-                balls.append(group["p"]), masks.append(m)
-        if not params:
-            self._perturbation = ([], [])
-            return
-        if all(b == 2 for b in balls):
-            # ε = ρ T² g / ‖T g‖₂, the norm over the perturbed coordinates only (T = 1 without ASAM)
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tgs)))
-            eps = [tg if t is None else tg * t for tg, t in zip(tgs, scales)]
-            if len(set(rhos)) == 1:
-                eps = torch._foreach_mul(eps, rhos[0] / (norm + 1e-12))
+        with torch.no_grad():
+            params, tgs, scales, rhos, balls, masks, i = [], [], [], [], [], [], -1
+            for group in self.param_groups:
+                for q in group["params"]:
+                    i += 1
+                    m = self._masks[i]
+                    if q.grad is None or m is False:
+                        continue
+                    t = self._scale(q, group, self._is_bias[i])
+                    tg = q.grad if t is None else q.grad * t
+                    if m is not True:
+                        tg = tg * m
+                    params.append(q), tgs.append(tg), scales.append(t), rhos.append(group["rho"])
+                    balls.append(group["p"]), masks.append(m)
+            if not params:
+                self._perturbation = ([], [])
+                return
+            if all(b == 2 for b in balls):
+                # ε = ρ T² g / ‖T g‖₂, the norm over the perturbed coordinates only (T = 1 without ASAM)
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tgs)))
+                eps = [tg if t is None else tg * t for tg, t in zip(tgs, scales)]
+                if len(set(rhos)) == 1:
+                    eps = torch._foreach_mul(eps, rhos[0] / (norm + 1e-12))
+                else:
+                    eps = [e * (r / (norm + 1e-12)) for e, r in zip(eps, rhos)]
             else:
-                eps = [e * (r / (norm + 1e-12)) for e, r in zip(eps, rhos)]
-        else:
-            # ℓ∞ ball: ε = ρ T sign(g)
-            eps = []
-            for tg, t, r, m in zip(tgs, scales, rhos, masks):
-                e = torch.sign(tg) * r
-                if t is not None:
-                    e = e * t
-                eps.append(e if m is True else e * m)
-        torch._foreach_add_(params, eps)
-        self._perturbation = (params, eps)
+                # ℓ∞ ball: ε = ρ T sign(g)
+                eps = []
+                for tg, t, r, m in zip(tgs, scales, rhos, masks):
+                    e = torch.sign(tg) * r
+                    if t is not None:
+                        e = e * t
+                    eps.append(e if m is True else e * m)
+            torch._foreach_add_(params, eps)
+            self._perturbation = (params, eps)
 
-    @torch.no_grad()
     def second_step(self) -> None:
         """Go back to ``w`` and take the base optimizer's step with the gradients at ``w + ε``."""
-        params, eps = getattr(self, "_perturbation", ([], []))
-        if params:
-            torch._foreach_sub_(params, eps)
-        self._perturbation = ([], [])
-        self.base_optimizer.step()
+        with torch.no_grad():
+            params, eps = getattr(self, "_perturbation", ([], []))
+            if params:
+                torch._foreach_sub_(params, eps)
+            self._perturbation = ([], [])
+            self.base_optimizer.step()
 
     def _bn_modules(self) -> list[nn.Module]:
         if self.model is None:

@@ -36,7 +36,6 @@ def gaussian_like(p: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.randn(p.shape, generator=generator, dtype=p.dtype, device=device).to(p.device)
 
 
-@torch.no_grad()
 def sgld_step_(p, grad, lr: float, noise: float,
                generator: torch.Generator | None = None):
     """In place: ``p ← p − lr·grad + √(2·lr)·noise·ξ`` (one SGLD step at temperature noise²).
@@ -45,20 +44,21 @@ def sgld_step_(p, grad, lr: float, noise: float,
     ``torch._foreach`` ops; the noise for all of them is one draw from ``generator``, split).
     ``noise = 0`` is plain gradient descent (no random numbers are drawn). Returns ``p``.
     """
-    _check(lr, noise)
-    ps, gs = ([p], [grad]) if isinstance(p, torch.Tensor) else (list(p), list(grad))
-    if len(ps) != len(gs):
-        raise ValueError(f"{len(ps)} tensors but {len(gs)} gradients")
-    if not ps:
+    with torch.no_grad():
+        _check(lr, noise)
+        ps, gs = ([p], [grad]) if isinstance(p, torch.Tensor) else (list(p), list(grad))
+        if len(ps) != len(gs):
+            raise ValueError(f"{len(ps)} tensors but {len(gs)} gradients")
+        if not ps:
+            return p
+        torch._foreach_add_(ps, gs, alpha=-lr)
+        if noise > 0:
+            first = ps[0]
+            flat = gaussian_like(torch.empty(sum(q.numel() for q in ps), dtype=first.dtype, device=first.device),
+                                 generator)
+            xi = [z.view_as(q) for z, q in zip(flat.split([q.numel() for q in ps]), ps)]
+            torch._foreach_add_(ps, xi, alpha=math.sqrt(2.0 * lr) * noise)
         return p
-    torch._foreach_add_(ps, gs, alpha=-lr)
-    if noise > 0:
-        first = ps[0]
-        flat = gaussian_like(torch.empty(sum(q.numel() for q in ps), dtype=first.dtype, device=first.device),
-                             generator)
-        xi = [z.view_as(q) for z, q in zip(flat.split([q.numel() for q in ps]), ps)]
-        torch._foreach_add_(ps, xi, alpha=math.sqrt(2.0 * lr) * noise)
-    return p
 
 
 class SGLD(torch.optim.Optimizer):
@@ -73,15 +73,15 @@ class SGLD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, noise=noise, weight_decay=weight_decay))
         self.generator = generator
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            gs = [p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-                  for p in ps]
-            sgld_step_(ps, gs, group["lr"], group["noise"], self.generator)
-        return loss
+        with torch.no_grad():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                ps = [p for p in group["params"] if p.grad is not None]
+                gs = [p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
+                      for p in ps]
+                sgld_step_(ps, gs, group["lr"], group["noise"], self.generator)
+            return loss

@@ -800,12 +800,12 @@ def lanczos(op, m: int, *, v0: torch.Tensor | None = None, distribution: str = "
             converged = len(theta) >= k and bool(np.all(bounds[top] <= tol * np.abs(theta[top])))
             if converged:
                 break
-        if j == m - 1:
-            break
-        if b <= 1e-10 * max(1.0, abs(a)):  # invariant subspace: T is exact
+        if b <= 1e-10 * max(1.0, abs(a)):  # invariant subspace: T is exact (also at the last step)
             converged = True if tol > 0 else None
             if bounds is not None:
                 bounds = np.zeros_like(bounds)
+            break
+        if j == m - 1:
             break
         beta.append(b)
         prev, b_prev, v = v, b, w / b

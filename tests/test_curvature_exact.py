@@ -749,3 +749,56 @@ def test_constant_gradient_components_have_zero_hessian_rows(mode):
             hv = op.mv(u)
             torch.testing.assert_close(hv, H @ u, rtol=1e-9, atol=1e-12)
             assert torch.equal(hv[-2:], torch.zeros(2, dtype=torch.float64))
+
+
+def test_lanczos_stops_on_an_exact_zero_beta():
+    """v₀ = e₁ is an eigenvector of diag(1, 2, 3): w = Hv − αv = 0 exactly, so β = 0 ends the
+    iteration after one product (β ≤ 1e-10·max(1, |α|) holds with equality at 0)."""
+    res = C.lanczos(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), 3,
+                    v0=torch.tensor([1.0, 0.0, 0.0]))
+    assert res.alpha.tolist() == [1.0] and res.beta.tolist() == []
+    assert res.ritz_values.tolist() == [1.0] and res.converged is None
+
+
+def test_lanczos_invariant_subspace_threshold_is_relative_to_alpha():
+    """From e₁ on [[α, β], [β, d]]: one step gives α and the residual β exactly. The threshold
+    is 1e-10·max(1, |α|): β = 1e-9 at α = 100 is an invariant subspace (1e-9 ≤ 1e-8); β = 1.5e-10
+    at α = 0.5 is not (1.5e-10 > 1e-10), so a second step runs."""
+    def two(a, b, d):
+        return torch.tensor([[a, b], [b, d]], dtype=torch.float64)
+    e1 = torch.tensor([1.0, 0.0])
+    assert len(C.lanczos(two(100.0, 1e-9, 200.0), 2, v0=e1).alpha) == 1
+    assert len(C.lanczos(two(0.5, 1.5e-10, 1.0), 2, v0=e1).alpha) == 2
+
+
+def test_lanczos_invariant_subspace_with_tol_reports_converged():
+    """β = 1e-11 after one step from e₁: the error estimate 1e-11 is above tol·|θ| = 1e-15, but
+    the subspace is invariant, so T is exact: converged, with zero error bounds; without tol
+    ``converged`` stays None."""
+    H = torch.tensor([[1.0, 1e-11], [1e-11, 2.0]], dtype=torch.float64)
+    e1 = torch.tensor([1.0, 0.0])
+    res = C.lanczos(H, 2, v0=e1, tol=1e-15)
+    assert res.converged is True and res.error_bounds.tolist() == [0.0] and len(res.alpha) == 1
+    assert C.lanczos(H, 2, v0=e1).converged is None
+    last = C.lanczos(H, 1, v0=e1, tol=1e-15)  # found at the last step allowed (m = 1): the same
+    assert last.converged is True and last.error_bounds.tolist() == [0.0]
+
+
+def test_lanczos_tol_stop_at_its_boundary_and_after_one_step():
+    """From e₁ on [[2, 1], [1, 5]]: α₀ = 2, residual β = 1 exactly, so the one-step estimate is
+    |θ − λ| ≤ 1. With tol = 0.5, 1 ≤ 0.5·2 holds with equality: it stops after one product; with
+    tol = 0.4 it does not. With k = 1 a single Ritz value is enough to test."""
+    H = torch.tensor([[2.0, 1.0], [1.0, 5.0]], dtype=torch.float64)
+    e1 = torch.tensor([1.0, 0.0])
+    res = C.lanczos(H, 2, v0=e1, tol=0.5)
+    assert res.converged is True and len(res.alpha) == 1 and res.error_bounds.tolist() == [1.0]
+    assert len(C.lanczos(H, 2, v0=e1, tol=0.4).alpha) == 2
+
+
+def test_random_vector_distribution_message_and_ritz_dtype():
+    with pytest.raises(ValueError, match=r"^unknown distribution 'uniform'; valid choices: rademacher, gaussian$"):
+        C.lanczos(torch.eye(3, dtype=torch.float64), 2, distribution="uniform")
+    for alpha, beta in (([5], []), (np.array([2.0, 2.0], dtype=np.float32), np.array([1.0], dtype=np.float32))):
+        theta, w = C.ritz(alpha, beta)
+        assert theta.dtype == np.float64 and w.dtype == np.float64
+    np.testing.assert_allclose(C.ritz(np.array([2.0, 2.0], dtype=np.float32), [1.0])[0], [1.0, 3.0], rtol=0, atol=1e-15)

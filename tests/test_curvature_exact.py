@@ -539,9 +539,10 @@ def test_an_unused_parameter_has_zero_gradient_and_zero_hessian_rows_in_every_mo
         g = op.gradient()
         assert torch.equal(g["unused"], torch.zeros(2, dtype=torch.float64))
         torch.testing.assert_close(g["lin.weight"], g_lin[0], rtol=1e-12, atol=1e-14)
-        hv = op.hvp({k: torch.ones_like(v) for k, v in op.weights.items()})
-        assert torch.equal(hv["unused"], torch.zeros(2, dtype=torch.float64)), mode
-        assert hv["lin.weight"].abs().max() > 0
+        for _ in range(2):  # the second product of the cached graph is its fast path
+            hv = op.hvp({k: torch.ones_like(v) for k, v in op.weights.items()})
+            assert torch.equal(hv["unused"], torch.zeros(2, dtype=torch.float64)), mode
+            assert hv["lin.weight"].abs().max() > 0
 
 
 def test_hvp_casts_the_direction_to_the_weights_dtype():
@@ -802,3 +803,28 @@ def test_random_vector_distribution_message_and_ritz_dtype():
         theta, w = C.ritz(alpha, beta)
         assert theta.dtype == np.float64 and w.dtype == np.float64
     np.testing.assert_allclose(C.ritz(np.array([2.0, 2.0], dtype=np.float32), [1.0])[0], [1.0, 3.0], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["cached-graph", "auto"])
+def test_a_second_product_on_one_chunk_is_one_backward_pass_through_the_cached_graph(mode):
+    """Once the single chunk's graph is built, products skip ``_product`` (no forward pass, no
+    BatchNorm or kernel contexts): with ``_product`` made to fail, the second and third products
+    still give H v (dense reference). Weights changed in place leave that path (rebuild)."""
+    model = tiny_mlp()
+    x, y = tiny_data()
+    H = dense_hessian(model, x, y)
+    v = torch.linspace(-1.0, 1.0, 26, dtype=torch.float64)
+    op = C.HVPOperator(model, x, y, mode=mode)
+    torch.testing.assert_close(op.mv(v), H @ v, rtol=1e-9, atol=1e-12)
+    assert op.mode == "cached-graph"
+
+    def no_product(*args, **kwargs):
+        raise AssertionError("_product called although the cached graph is ready")
+
+    op._product = no_product
+    for _ in range(2):
+        torch.testing.assert_close(op.mv(v), H @ v, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        op.weights["0.weight"].add_(0.0)  # bumps the version counter: the graph is stale
+    with pytest.raises(AssertionError, match="_product called"):
+        op.mv(v)

@@ -310,7 +310,8 @@ def test_other_constructor_messages_in_full():
     with pytest.raises(ValueError, match=r"^perturb='norm' selects no parameter of this model \(normalisation "
                                          r"layers are found by type: _NormBase, GroupNorm, LayerNorm, RMSNorm\)$"):
         SAM(nn.Linear(2, 2), lr=0.1, perturb="norm")
-    tail = r" needs the model \(pass model=\.\.\. or the module itself as params\): parameters are selected by module type$"
+    tail = (r" needs the model \(pass model=\.\.\. or the module itself as params\): "
+            r"parameters are selected by module type$")
     with pytest.raises(ValueError, match=r"^perturb='norm'" + tail):
         SAM(list(lin_bn_lin().parameters()), lr=0.1, perturb="norm")
     with pytest.raises(ValueError, match=r"^perturb='all' with adaptive=True" + tail):

@@ -828,3 +828,13 @@ def test_a_second_product_on_one_chunk_is_one_backward_pass_through_the_cached_g
         op.weights["0.weight"].add_(0.0)  # bumps the version counter: the graph is stale
     with pytest.raises(AssertionError, match="_product called"):
         op.mv(v)
+
+
+def test_a_float32_scipy_operator_is_read_in_float64():
+    """A LinearOperator whose matvec returns float32 (diag(1, 2, 4) here): its products are
+    converted to float64, so power iteration and Lanczos run and find λ_max = 4."""
+    d = np.array([1.0, 2.0, 4.0], dtype=np.float32)
+    lin = spla.LinearOperator((3, 3), matvec=lambda v: (d * np.ravel(v)).astype(np.float32), dtype=np.float32)
+    res = C.power_iteration(lin, 200, tol=1e-12, v0=torch.ones(3, dtype=torch.float64))
+    assert res.eigenvalue == pytest.approx(4.0, rel=1e-9)
+    np.testing.assert_allclose(C.lanczos(lin, 3, v0=torch.ones(3)).ritz_values, [1.0, 2.0, 4.0], atol=1e-6)

@@ -211,38 +211,38 @@ def init_bound(members: int, features: int, gain: float) -> float:
     return float(gain) * math.sqrt(6.0 / (members + features))
 
 
-@torch.no_grad()
 def init_film_(layer: nn.Module, init: str = "xavier", gain: float | None = None,
                generator: torch.Generator | None = None) -> nn.Module:
     """(Re-)initialise a member layer's ``γ, β`` in place (see the module docstring for the
     choices ``INITS``). ``"perturb"`` adds the noise to the current ``γ, β`` (for a fresh layer
     ``1`` and ``0``); ``"copy"`` leaves them as they are. ``gain=None`` is 1 (the official
     default) for the random inits and 0 for ``"copy"``. Returns the layer."""
-    if init not in INITS:
-        raise ValueError(f"unknown FiLM init {init!r}; valid inits: {', '.join(INITS)}")
-    if not isinstance(layer, MEMBER_LAYERS):
-        raise ValueError(f"not a member layer: {type(layer).__name__}; valid layers: "
-                         f"{', '.join(t.__name__ for t in MEMBER_LAYERS)}")
-    gain = (0.0 if init == "copy" else 1.0) if gain is None else float(gain)
-    if not math.isfinite(gain) or gain < 0:
-        raise ValueError(f"gain must be finite and >= 0, got {gain}")
-    if init == "copy":
-        if gain != 0:
-            raise ValueError(f"init 'copy' makes identical members and takes gain 0, got {gain}; "
-                             "for noise around the layer's own affine use init='perturb'")
+    with torch.no_grad():
+        if init not in INITS:
+            raise ValueError(f"unknown FiLM init {init!r}; valid inits: {', '.join(INITS)}")
+        if not isinstance(layer, MEMBER_LAYERS):
+            raise ValueError(f"not a member layer: {type(layer).__name__}; valid layers: "
+                             f"{', '.join(t.__name__ for t in MEMBER_LAYERS)}")
+        gain = (0.0 if init == "copy" else 1.0) if gain is None else float(gain)
+        if not math.isfinite(gain) or gain < 0:
+            raise ValueError(f"gain must be finite and >= 0, got {gain}")
+        if init == "copy":
+            if gain != 0:
+                raise ValueError(f"init 'copy' makes identical members and takes gain 0, got {gain}; "
+                                 "for noise around the layer's own affine use init='perturb'")
+            return layer
+        if init in ("xavier", "bernoulli") and gain == 0:
+            raise ValueError(f"init {init!r} with gain 0 sets every γ to 0 (a dead network); use "
+                             "init='copy' (or 'perturb' with gain 0) for identical members")
+        for p in (layer.gamma, layer.beta):        # (M, C) views of the parameters
+            if init == "bernoulli":
+                sign = torch.empty(p.shape, device=p.device).bernoulli_(0.5, generator=generator)
+                p.copy_((2 * sign - 1) * gain)
+            else:
+                noise = torch.empty(p.shape, device=p.device, dtype=p.dtype)
+                nn.init.xavier_uniform_(noise, gain=gain, generator=generator)
+                p.copy_(noise if init == "xavier" else p + noise)
         return layer
-    if init in ("xavier", "bernoulli") and gain == 0:
-        raise ValueError(f"init {init!r} with gain 0 sets every γ to 0 (a dead network); use "
-                         "init='copy' (or 'perturb' with gain 0) for identical members")
-    for p in (layer.gamma, layer.beta):        # (M, C) views of the parameters
-        if init == "bernoulli":
-            sign = torch.empty(p.shape, device=p.device).bernoulli_(0.5, generator=generator)
-            p.copy_((2 * sign - 1) * gain)
-        else:
-            noise = torch.empty(p.shape, device=p.device, dtype=p.dtype)
-            nn.init.xavier_uniform_(noise, gain=gain, generator=generator)
-            p.copy_(noise if init == "xavier" else p + noise)
-    return layer
 
 
 def _member_layer(module: nn.Module, members: int) -> nn.Module:
@@ -323,41 +323,41 @@ def members_of(model: nn.Module) -> int:
     return counts.pop()
 
 
-@torch.no_grad()
 def extract_member(model: nn.Module, m: int) -> nn.Module:
     """The plain network of member ``m``: a copy of the converted ``model`` (not the wrapper)
     with every member layer replaced by an ordinary ``BatchNorm``/``LayerNorm``/``GroupNorm``
     carrying member ``m``'s ``γ_m, β_m`` (and running statistics)."""
-    if isinstance(model, FiLMEnsemble):
-        model = model.net
-    M = members_of(model)
-    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < M:
-        raise ValueError(f"member index must be in 0..{M - 1}, got {m!r}")
-    model = copy.deepcopy(model)
+    with torch.no_grad():
+        if isinstance(model, FiLMEnsemble):
+            model = model.net
+        M = members_of(model)
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < M:
+            raise ValueError(f"member index must be in 0..{M - 1}, got {m!r}")
+        model = copy.deepcopy(model)
 
-    def plain(layer):
-        if isinstance(layer, MemberBatchNorm):
-            new = layer.plain_type(layer.features, layer.eps, layer.momentum, True, layer.track_running_stats)
-            new.weight.copy_(layer.gamma[m])
-            new.bias.copy_(layer.beta[m])
-            if layer.track_running_stats:
-                new.running_mean.copy_(layer.running_mean.view(M, -1)[m])
-                new.running_var.copy_(layer.running_var.view(M, -1)[m])
-                new.num_batches_tracked.copy_(layer.num_batches_tracked)
+        def plain(layer):
+            if isinstance(layer, MemberBatchNorm):
+                new = layer.plain_type(layer.features, layer.eps, layer.momentum, True, layer.track_running_stats)
+                new.weight.copy_(layer.gamma[m])
+                new.bias.copy_(layer.beta[m])
+                if layer.track_running_stats:
+                    new.running_mean.copy_(layer.running_mean.view(M, -1)[m])
+                    new.running_var.copy_(layer.running_var.view(M, -1)[m])
+                    new.num_batches_tracked.copy_(layer.num_batches_tracked)
+                return new.to(layer.weight.device)
+            if isinstance(layer, MemberLayerNorm):
+                new = nn.LayerNorm(layer.normalized_shape, layer.eps)
+            else:
+                new = nn.GroupNorm(layer.num_groups, layer.num_channels, layer.eps)
+            new.weight.copy_(layer.weight[m])
+            new.bias.copy_(layer.bias[m])
             return new.to(layer.weight.device)
-        if isinstance(layer, MemberLayerNorm):
-            new = nn.LayerNorm(layer.normalized_shape, layer.eps)
-        else:
-            new = nn.GroupNorm(layer.num_groups, layer.num_channels, layer.eps)
-        new.weight.copy_(layer.weight[m])
-        new.bias.copy_(layer.bias[m])
-        return new.to(layer.weight.device)
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MEMBER_LAYERS):
-                setattr(parent, name, plain(child))
-    return model
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, MEMBER_LAYERS):
+                    setattr(parent, name, plain(child))
+        return model
 
 
 class FiLMEnsemble(nn.Module):
@@ -392,15 +392,15 @@ class FiLMEnsemble(nn.Module):
         z = self.net(x.repeat_interleave(self.members, dim=0))     # row b·M + m: sample b, member m
         return z.reshape(b, self.members, *z.shape[1:]).transpose(0, 1)   # (M, B, K)
 
-    @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """The members' softmax probabilities ``[M, N, K]`` in eval mode (mode restored)."""
-        was = self.training
-        self.eval()
-        try:
-            return torch.cat([self(xb).softmax(-1) for xb in x.split(batch_size)], dim=1)
-        finally:
-            self.train(was)
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            try:
+                return torch.cat([self(xb).softmax(-1) for xb in x.split(batch_size)], dim=1)
+            finally:
+                self.train(was)
 
 
 def ensemble_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

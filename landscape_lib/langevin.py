@@ -311,75 +311,75 @@ class SplittingOptimizer(torch.optim.Optimizer):
         return torch.randn(like.shape, generator=self.generator, dtype=like.dtype,
                            device=like.device)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Kick with the current gradient (B_h; B_{h/2} from p = 0 on the first call), then the
         rest of each group's scheme. ``closure`` (optional) computes the gradient first."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.steps += 1
-        for gi, group in enumerate(self.param_groups):
-            if not group["params"]:
-                continue
-            c = self._flat(gi, group)
-            h, tau, gamma = group["lr"], group["tau"], group["gamma"]
-            sigma, eps = group["sigma"], group["eps"]
-            constraint, subs = group["constraint"], group["substeps"]
-            flat, views, ids, xi = c["flat"], c["views"], c["ids"], c["xi"]
-            params = group["params"]
-            measure = ("E" if xi is not None else
-                       "O" if any(t in ("O", "O∞") for t, _ in subs) else "B")
-            record = self.record_temperature or measure == "E"
-
-            def sq():  # p^T p per thermostat / probe
-                return torch.zeros_like(c["counts"]).index_add_(0, ids, flat * flat)
-
-            # B: the merged kick (trailing B_{h/2} + leading B_{h/2}), or the initial one
-            kick = h / 2 if (c["first"] and group["initial_kick"] == "half") else h
-            c["first"] = False
-            with_grad = [(v, p.grad) for v, p in zip(views, params) if p.grad is not None]
-            if with_grad:
-                torch._foreach_add_([v for v, _ in with_grad], [g for _, g in with_grad],
-                                    alpha=-kick)
-            if constraint is not None:
-                for p, v in zip(params, views):
-                    constraint.project_momentum(p, v)
-            measured = False
-            if measure == "B" and record:
-                torch.div(sq(), c["counts"], out=c["kinetic"])
-            for letter, frac in subs[1:-1]:
-                t = frac * h
-                if letter == "A":
-                    torch._foreach_add_(params, views, alpha=t)
-                    if constraint is not None:
-                        for p, v in zip(params, views):
-                            constraint.project_position(p, v, t)
+        with torch.no_grad():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.steps += 1
+            for gi, group in enumerate(self.param_groups):
+                if not group["params"]:
                     continue
-                if letter == "O":
-                    damp = math.exp(-gamma * t)
-                    flat.mul_(damp).add_(self._noise(flat), alpha=math.sqrt(tau * (1 - damp * damp)))
-                elif letter == "O∞":
-                    flat.copy_(self._noise(flat)).mul_(math.sqrt(tau))
-                elif letter == "C":
-                    flat.mul_(torch.exp(xi * -t)[ids])
-                elif letter == "D":
-                    flat.add_(self._noise(flat), alpha=sigma * math.sqrt(t))
-                elif letter == "E":
-                    s2 = sq()
-                    if not measured:
-                        torch.div(s2, c["counts"], out=c["kinetic"])
-                        measured = True
-                    xi.add_(s2 - c["counts"] * tau, alpha=t * eps)
-                    continue
+                c = self._flat(gi, group)
+                h, tau, gamma = group["lr"], group["tau"], group["gamma"]
+                sigma, eps = group["sigma"], group["eps"]
+                constraint, subs = group["constraint"], group["substeps"]
+                flat, views, ids, xi = c["flat"], c["views"], c["ids"], c["xi"]
+                params = group["params"]
+                measure = ("E" if xi is not None else
+                           "O" if any(t in ("O", "O∞") for t, _ in subs) else "B")
+                record = self.record_temperature or measure == "E"
+
+                def sq():  # p^T p per thermostat / probe
+                    return torch.zeros_like(c["counts"]).index_add_(0, ids, flat * flat)
+
+                # B: the merged kick (trailing B_{h/2} + leading B_{h/2}), or the initial one
+                kick = h / 2 if (c["first"] and group["initial_kick"] == "half") else h
+                c["first"] = False
+                with_grad = [(v, p.grad) for v, p in zip(views, params) if p.grad is not None]
+                if with_grad:
+                    torch._foreach_add_([v for v, _ in with_grad], [g for _, g in with_grad],
+                                        alpha=-kick)
                 if constraint is not None:
                     for p, v in zip(params, views):
                         constraint.project_momentum(p, v)
-                if measure == "O" and letter in ("O", "O∞") and not measured and record:
+                measured = False
+                if measure == "B" and record:
                     torch.div(sq(), c["counts"], out=c["kinetic"])
-                    measured = True
-        return loss
+                for letter, frac in subs[1:-1]:
+                    t = frac * h
+                    if letter == "A":
+                        torch._foreach_add_(params, views, alpha=t)
+                        if constraint is not None:
+                            for p, v in zip(params, views):
+                                constraint.project_position(p, v, t)
+                        continue
+                    if letter == "O":
+                        damp = math.exp(-gamma * t)
+                        flat.mul_(damp).add_(self._noise(flat), alpha=math.sqrt(tau * (1 - damp * damp)))
+                    elif letter == "O∞":
+                        flat.copy_(self._noise(flat)).mul_(math.sqrt(tau))
+                    elif letter == "C":
+                        flat.mul_(torch.exp(xi * -t)[ids])
+                    elif letter == "D":
+                        flat.add_(self._noise(flat), alpha=sigma * math.sqrt(t))
+                    elif letter == "E":
+                        s2 = sq()
+                        if not measured:
+                            torch.div(s2, c["counts"], out=c["kinetic"])
+                            measured = True
+                        xi.add_(s2 - c["counts"] * tau, alpha=t * eps)
+                        continue
+                    if constraint is not None:
+                        for p, v in zip(params, views):
+                            constraint.project_momentum(p, v)
+                    if measure == "O" and letter in ("O", "O∞") and not measured and record:
+                        torch.div(sq(), c["counts"], out=c["kinetic"])
+                        measured = True
+            return loss
 
 
 # --- partitions ------------------------------------------------------------------------------

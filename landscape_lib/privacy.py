@@ -209,7 +209,8 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
 def max_steps(target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,
               accountant: str = "rdp", limit: int = 10**7) -> int:
     """The largest number of steps at σ and ``sample_rate`` whose ε stays ≤ ``target_epsilon``
-    (0 if even one step exceeds it), by doubling then bisection on the accountant."""
+    (0 if even one step exceeds it), by doubling then bisection on the accountant, capped at
+    ``limit`` (the cap is returned only where its ε fits the budget too)."""
     eps, delta = _check_epsilon(target_epsilon), _check_delta(delta)
     sigma, q = _check_sigma(noise_multiplier), _check_rate(sample_rate)
     if sigma == 0:
@@ -218,10 +219,15 @@ def max_steps(target_epsilon: float, delta: float, noise_multiplier: float, samp
     if spent(1) > eps:
         return 0
     lo, hi = 1, 2
-    while spent(hi) <= eps:
+    while True:
+        if hi > limit:  # the doubling passed the cap: the answer is limit or lies in [lo, limit)
+            if spent(limit) <= eps:
+                return limit
+            hi = limit
+            break
+        if spent(hi) > eps:
+            break
         lo, hi = hi, 2 * hi
-        if hi > limit:
-            return limit
     while hi - lo > 1:  # spent(lo) <= eps < spent(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if spent(mid) <= eps else (lo, mid)

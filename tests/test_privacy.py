@@ -64,8 +64,20 @@ class _GramConv(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class _Scalars(nn.Module):
+    """A Linear with one input feature over 12 positions: positions, not features, count."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(1, 4), nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x.reshape(len(x), 12, 1))).mean(1))
+
+
 MODELS = {"mlp-gn": (_mlp, (12,)), "wscnn-gn": (_cnn, (64,)), "layernorm": (_layernorm, (12,)),
-          "sequence": (_Seq, (12,)), "conv1d": (_Conv1dNet, (12,)), "gram-conv": (_GramConv, (18,))}
+          "sequence": (_Seq, (12,)), "conv1d": (_Conv1dNet, (12,)), "gram-conv": (_GramConv, (18,)),
+          "scalars": (_Scalars, (12,))}
 
 
 def _loop_grads(model, x, y, views=1):
@@ -706,13 +718,13 @@ class _Frozen(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
         self.ws = models.WSConv2d(4, 4, 3, padding=1, bias=False)
-        self.gn = nn.GroupNorm(2, 4)
+        self.gn = nn.GroupNorm(2, 4, eps=0.5)  # a non-default ε reaches the ghost rule too
         self.gn.weight.requires_grad_(False)
         self.conv1 = nn.Conv1d(4, 4, 1)
         self.conv1.weight.requires_grad_(False)
         self.fc = nn.Linear(64, 6)
         self.fc.weight.requires_grad_(False)
-        self.ln = nn.LayerNorm(6, bias=False)
+        self.ln = nn.LayerNorm(6, bias=False, eps=0.5)
         self.head = nn.Linear(6, 5, bias=False)
         self.tail = nn.Linear(5, 5)
         self.tail.bias.requires_grad_(False)
@@ -824,7 +836,7 @@ def test_noisy_mean_reproduces_the_documented_draws_exactly():
     """(s + σC·n)/B with n drawn on the CPU from the generator, tensor after tensor, in the sums'
     dtype; ``None`` stays ``None`` and draws nothing."""
     sums = [torch.arange(6, dtype=torch.float64).reshape(2, 3), None, torch.tensor([1.0, -1.0])]
-    sigma, c, b = 1.5, 0.2, 8
+    sigma, c, b = 0.5, 0.6, 8  # σ < 1 is noise too
     got = privacy.noisy_mean(sums, sigma, c, b, torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     n1 = torch.randn((2, 3), generator=gen, dtype=torch.float64)
@@ -845,7 +857,7 @@ def test_noisy_mean_without_noise_divides_and_leaves_the_generator_alone():
 
 
 def test_augmult_rows_are_view_k_of_example_i_and_get_the_generator():
-    x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([7, 8])
+    x, y = torch.tensor([[1.0, -1.0], [2.0, -2.0]]), torch.tensor([7, 8])
     calls = []
 
     def augment(v, g):  # the k-th call adds 10·k
@@ -854,11 +866,14 @@ def test_augmult_rows_are_view_k_of_example_i_and_get_the_generator():
 
     gen = torch.Generator()
     xs, ys = privacy.augmult(x, y, 3, augment, gen)
-    assert torch.equal(xs, torch.tensor([[1.0], [11.0], [21.0], [2.0], [12.0], [22.0]]))
+    assert torch.equal(xs, torch.tensor([[1.0, -1.0], [11.0, 9.0], [21.0, 19.0],
+                                         [2.0, -2.0], [12.0, 8.0], [22.0, 18.0]]))
     assert torch.equal(ys, torch.tensor([7, 7, 7, 8, 8, 8]))
     assert len(calls) == 3 and all(g is gen for g in calls)
-    xs, ys = privacy.augmult(x, y, 2, None, None)
-    assert torch.equal(xs, torch.tensor([[1.0], [1.0], [2.0], [2.0]])) and torch.equal(ys, torch.tensor([7, 7, 8, 8]))
+    soft = torch.tensor([[0.9, 0.1], [0.2, 0.8]])  # soft labels: rows repeated, not flattened
+    xs, ys = privacy.augmult(x, soft, 2, None, None)
+    assert torch.equal(xs, torch.tensor([[1.0, -1.0], [1.0, -1.0], [2.0, -2.0], [2.0, -2.0]]))
+    assert torch.equal(ys, torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.2, 0.8]]))
 
 
 # --- DPStep without fit -----------------------------------------------------------------------
@@ -977,3 +992,37 @@ def test_without_opacus_the_accountant_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus.accountants", None)  # import → ImportError
     with pytest.raises(ImportError, match=_full("the privacy accountant needs Opacus: pip install 'opacus>=1.5,<2'")):
         privacy.epsilon(1.0, 0.5, 1, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_norms_below_one_and_the_dtype_of_a_bfloat16_model(method):
+    """Under ``_dot_loss`` the norms are ‖x_i‖ exactly: 5/8, 10/8, 1.25/8 (below 1 too)."""
+    sums, norms, _ = privacy.clipped_grad_sum(_Dot(), _X / 8, _Y, max_grad_norm=1.0, loss_fn=_dot_loss,
+                                              method=method)
+    assert torch.allclose(norms, torch.tensor([0.625, 1.25, 0.15625]), rtol=1e-6)
+    # clipped sum: (0.375, 0.5) + 0.8·(0.75, 1) + (0.09375, 0.125) = (1.06875, 1.425)
+    assert torch.allclose(sums[0], torch.tensor([[1.06875, 1.425]]), rtol=1e-6) and sums[1] is None
+    model = nn.Linear(3, 2).to(torch.bfloat16)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    sums, norms, loss = privacy.clipped_grad_sum(model, x, torch.tensor([0, 1, 1, 0]), max_grad_norm=1.0,
+                                                 method=method)
+    assert norms.dtype == sums[0].dtype == torch.bfloat16
+
+
+def test_dp_step_passes_augment_generator_method_and_chunk_size_on():
+    seen = []
+
+    def augment(v, g):
+        seen.append(g)
+        return v
+
+    gen = torch.Generator()
+    step = privacy.DPStep(0.0, 5.0, 4, 0.5, views=2, augment=augment, generator=gen, loss_fn=_dot_loss)
+    model = _Dot()
+    step(_ctx(model, _X, _Y))
+    assert len(seen) == 2 and all(g is gen for g in seen)
+    assert torch.allclose(model.fc.weight, torch.tensor([[-1.1875, -2.5]]), rtol=1e-6)
+    with pytest.raises(ValueError, match="^method='ghost' supports Linear"):
+        privacy.DPStep(0.0, 1.0, 4, 0.5, method="ghost")(_ctx(nn.Bilinear(2, 2, 2), _X, _Y))
+    with pytest.raises(ValueError, match=_full("chunk_size must be an integer >= 1 (examples per micro-batch), got 0")):
+        privacy.DPStep(0.0, 1.0, 4, 0.5, chunk_size=0, loss_fn=_dot_loss)(_ctx(_Dot(), _X, _Y))

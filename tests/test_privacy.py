@@ -51,16 +51,18 @@ class _Conv1dNet(nn.Module):
 
 class _GramConv(nn.Module):
     """Convolutions with few output positions and many patch entries, where the ghost norm uses
-    the positions' Gram matrix; a dilated kernel; a weight-standardised 1×1 convolution with bias."""
+    the positions' Gram matrix; a dilated kernel; GroupNorm with ε = 0.5; a weight-standardised
+    1×1 convolution with bias."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 8, 2, dilation=2)  # 3×3 → 1×1, patch n = 8
+        self.gn = nn.GroupNorm(2, 8, eps=0.5)  # a non-default ε
         self.ws = models.WSConv2d(8, 6, 1)
         self.fc = nn.Linear(6, 5)
 
     def forward(self, x):
-        h = torch.tanh(self.ws(torch.tanh(self.conv(x.reshape(len(x), 2, 3, 3)))))
+        h = torch.tanh(self.ws(torch.tanh(self.gn(self.conv(x.reshape(len(x), 2, 3, 3))))))
         return self.fc(h.flatten(1))
 
 

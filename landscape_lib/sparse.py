@@ -469,7 +469,8 @@ def global_magnitude_masks(weights: Mapping[str, torch.Tensor], density: float) 
     flat = torch.cat([weights[n].detach().reshape(-1).abs().float().cpu() for n in names])
     keep = round(density * flat.numel())
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[torch.topk(flat, keep).indices] = True
+    # a stable descending sort, not topk: topk does not order ties by position
+    mask[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
     out, i = {}, 0
     for n in names:
         size = weights[n].numel()

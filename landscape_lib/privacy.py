@@ -169,6 +169,7 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     σ = 0 gives ε = ∞ (no privacy)."""
     sigma, q = _check_sigma(noise_multiplier), _check_rate(sample_rate)
     steps, delta = _check_steps(steps), _check_delta(delta)
+    _check_accountant(accountant)  # before the σ = 0 shortcut, which would skip it
     if sigma == 0:
         return math.inf
     acc = _opacus_accountant(accountant)
@@ -213,6 +214,7 @@ def max_steps(target_epsilon: float, delta: float, noise_multiplier: float, samp
     ``limit`` (the cap is returned only where its ε fits the budget too)."""
     eps, delta = _check_epsilon(target_epsilon), _check_delta(delta)
     sigma, q = _check_sigma(noise_multiplier), _check_rate(sample_rate)
+    _check_accountant(accountant)
     if sigma == 0:
         return 0
     spent = lambda t: epsilon(sigma, q, t, delta, accountant)  # noqa: E731

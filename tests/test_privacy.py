@@ -408,7 +408,8 @@ _LONG = torch.zeros(3, dtype=torch.long)
      "clipping norm C (max_grad_norm) must be a finite number > 0, got inf"),
     (lambda: privacy.clip_factors(torch.ones(2), "1"),
      "clipping norm C (max_grad_norm) must be a finite number > 0, got '1'"),
-    (lambda: privacy.DPStep(1.0, -1.0, 10, 0.1), "clipping norm C (max_grad_norm) must be a finite number > 0, got -1.0"),
+    (lambda: privacy.DPStep(1.0, -1.0, 10, 0.1),
+     "clipping norm C (max_grad_norm) must be a finite number > 0, got -1.0"),
     (lambda: privacy.DPStep(-1.0, 1.0, 10, 0.1), "noise multiplier σ must be a finite number >= 0, got -1.0"),
     # K: 0, a bool, a float
     (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1, views=0),
@@ -418,7 +419,8 @@ _LONG = torch.zeros(3, dtype=torch.long)
     (lambda: privacy.augmult(torch.ones(2, 1), _LONG[:2], 2.0, None, None),
      "augmentation multiplicity K (views) must be an integer >= 1, got 2.0"),
     (lambda: privacy.DPStep(1.0, 1.0, 10, 0.0), "sampling rate q must lie in (0, 1], got 0.0"),
-    (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1, method="fast"), "unknown method 'fast'; valid methods: auto, ghost, vmap"),
+    (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1, method="fast"),
+     "unknown method 'fast'; valid methods: auto, ghost, vmap"),
     (lambda: privacy.clipped_grad_sum(_mlp(), torch.randn(3, 12), _LONG, max_grad_norm=1.0, method="fast"),
      "unknown method 'fast'; valid methods: auto, ghost, vmap"),
     (lambda: privacy.DPStep(1.0, 1.0, 0, 0.1), "expected batch size must be > 0, got 0"),
@@ -426,7 +428,8 @@ _LONG = torch.zeros(3, dtype=torch.long)
     (lambda: privacy.noisy_mean([torch.ones(2)], 1.0, 1.0, 0), "expected batch size must be > 0, got 0"),
     (lambda: privacy.noisy_mean([torch.ones(2)], 1.0, 1.0, "8"), "expected batch size must be > 0, got '8'"),
     (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1, delta=1.0), "delta must lie in the open interval (0, 1), got 1.0"),
-    (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1, stop_at_epsilon=2.0), "stop_at_epsilon needs delta (a number in (0, 1))"),
+    (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1, stop_at_epsilon=2.0),
+     "stop_at_epsilon needs delta (a number in (0, 1))"),
     (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1, stop_at_epsilon=0.0, delta=1e-5),
      "epsilon must be a finite number > 0, got 0.0"),
     (lambda: privacy.DPStep(1.0, 1.0, 10, 0.1).epsilon(), "give delta (a number in (0, 1)) to compute ε"),
@@ -1028,3 +1031,12 @@ def test_dp_step_passes_augment_generator_method_and_chunk_size_on():
         privacy.DPStep(0.0, 1.0, 4, 0.5, method="ghost")(_ctx(nn.Bilinear(2, 2, 2), _X, _Y))
     with pytest.raises(ValueError, match=_full("chunk_size must be an integer >= 1 (examples per micro-batch), got 0")):
         privacy.DPStep(0.0, 1.0, 4, 0.5, chunk_size=0, loss_fn=_dot_loss)(_ctx(_Dot(), _X, _Y))
+
+
+def test_an_unknown_accountant_is_refused_even_at_sigma_0():
+    """σ = 0 short-cuts to ε = ∞ and 0 steps; the accountant's name is checked before that."""
+    assert privacy.epsilon(0.0, 0.1, 10, 1e-5) == math.inf and privacy.max_steps(1.0, 1e-5, 0.0, 0.1) == 0
+    for call in (lambda: privacy.epsilon(0.0, 0.1, 10, 1e-5, "gdp"),
+                 lambda: privacy.max_steps(1.0, 1e-5, 0.0, 0.1, "gdp")):
+        with pytest.raises(ValueError, match=r"^unknown accountant 'gdp'; valid accountants: rdp, prv$"):
+            call()

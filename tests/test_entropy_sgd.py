@@ -218,3 +218,49 @@ def test_entropy_sgd_noise_comes_from_its_generator():
         return w.detach().clone()
 
     torch.testing.assert_close(run(1), run(2), rtol=0, atol=0)
+
+
+def test_sgld_step_on_a_0d_tensor_and_zero_noise_draws_nothing():
+    # θ = 1, g = 0.5, lr = 0.1, ε = 0: θ − lr·g = 0.95, and the generator is not advanced
+    theta = torch.tensor(1.0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    assert sgld_step_(theta, torch.tensor(0.5, dtype=torch.float64), 0.1, 0.0, g) is theta
+    assert float(theta) == 1.0 - 0.1 * 0.5
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(2).get_state())
+
+
+def test_sgld_without_noise_is_torch_sgd_with_unit_and_zero_weight_decay():
+    # weight_decay = 1 decays like any other value; weight_decay = 0 never reads the weight (an
+    # infinite weight stays inf instead of turning the gradient into inf·0 = nan)
+    for wd, w0 in ((1.0, [1.0, -2.0]), (0.0, [float("inf"), -2.0])):
+        a = nn.Parameter(torch.tensor(w0, dtype=torch.float64))
+        b = nn.Parameter(torch.tensor(w0, dtype=torch.float64))
+        opt_a = SGLD([a], lr=0.1, noise=0.0, weight_decay=wd)
+        opt_b = torch.optim.SGD([b], lr=0.1, weight_decay=wd)
+        for p in (a, b):
+            p.grad = torch.tensor([0.3, 0.4], dtype=torch.float64)
+        assert opt_a.step() is None
+        opt_b.step()
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+def test_entropy_sgd_returns_the_first_closure_loss_and_keeps_no_buffer_without_momentum():
+    w = nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = EntropySGD([w], L=3, noise=0.0, momentum=0.0)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum() + len(calls)  # 2, 3, 4 (+ the moving weights' change)
+        calls.append(float(loss.detach()))
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    assert len(calls) == 3 and float(loss.detach()) == calls[0] == 2.0
+    assert set(opt.state[w]) == {"mu"}  # momentum = 0: no momentum buffer
+
+
+def test_entropy_sgd_closure_message_in_full():
+    with pytest.raises(ValueError, match=r"^EntropySGD needs a closure \(zero_grad, forward, backward, "
+                                         r"return loss\): the inner loop evaluates it L times$"):
+        EntropySGD([nn.Parameter(torch.zeros(2))]).step()

@@ -309,3 +309,85 @@ def test_constrained_groups_keys_radius_function_and_options():
     assert all(g["lr"] == 0.05 for g in groups)
     with pytest.raises(ValueError, match=r"valid names: 0\.bias, 0\.weight, 2\.bias, 2\.weight$"):
         constrained_groups(model, "sphere", skip=("nope",))
+
+
+def test_residuals_report_each_constrained_parameter_by_group_and_index():
+    # group 0 is unconstrained (skipped, not the end of the list), group 1 holds two sphere rows
+    free = nn.Parameter(torch.zeros(2, dtype=DT))
+    a = nn.Parameter(torch.tensor([3.0, 4.0], dtype=DT))
+    b = nn.Parameter(torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=DT))
+    opt = ConstrainedLangevin([{"params": [free]},
+                               {"params": [a, b], "constraint": "sphere", "radius": 2.0}])
+    with torch.no_grad():
+        a.copy_(torch.tensor([2.0, 2.0], dtype=DT))  # |a|² = 8: residual |8 − 4| / 4 = 1
+        b.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=DT))  # |b|² = 4: on the sphere, residual 0
+    assert opt.residuals() == [
+        dict(group=1, index=0, shape=(2,), constraint="Sphere(r=2)", residual=1.0),
+        dict(group=1, index=1, shape=(1, 4), constraint="Sphere(r=2)", residual=0.0)]
+    assert opt.max_residual() == 1.0
+
+
+def test_one_constrained_step_on_the_unit_circle_by_hand():
+    """q = (1, 0), g = (0, 1.2), lr = 0.5, τ = 0: B gives b = (0, 1.2), the trial point (1, −0.6);
+    SHAKE moves along q to (0.8, −0.6); RATTLE: (q − q')/lr = (0.4, 1.2), minus its component
+    along q' (q'·v = 0.32 − 0.72 = −0.4): b = (0.4 + 0.32, 1.2 − 0.24) = (0.72, 0.96)."""
+    q = nn.Parameter(torch.tensor([1.0, 0.0], dtype=DT))
+    gen = torch.Generator().manual_seed(3)
+    opt = ConstrainedLangevin([q], lr=0.5, momentum=0.9, constraint="sphere", radius=1.0, generator=gen)
+    q.grad = torch.tensor([0.0, 1.2], dtype=DT)
+    assert opt.step() is None
+    torch.testing.assert_close(q.detach(), torch.tensor([0.8, -0.6], dtype=DT), rtol=0, atol=1e-12)
+    state = opt.state[q]
+    torch.testing.assert_close(state["momentum_buffer"], torch.tensor([[0.72, 0.96]], dtype=DT),
+                               rtol=0, atol=1e-12)
+    row = torch.tensor([[1.0, 0.0]], dtype=DT)
+    _, iters = Sphere(1.0).solve_position(row, torch.tensor([[1.0, -0.6]], dtype=DT))
+    assert state["shake_iters"] == iters and iters >= 2
+    # τ = 0 draws no noise: the generator is where its seed left it
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(3).get_state())
+
+
+def test_zero_temperature_overdamped_constrained_step_draws_no_noise():
+    q = nn.Parameter(torch.tensor([1.0, 0.0], dtype=DT))
+    gen = torch.Generator().manual_seed(3)
+    opt = ConstrainedLangevin([q], lr=0.5, dynamics="overdamped", constraint="sphere", radius=1.0,
+                              generator=gen)
+    q.grad = torch.tensor([0.0, 1.2], dtype=DT)
+    opt.step()
+    torch.testing.assert_close(q.detach(), torch.tensor([0.8, -0.6], dtype=DT), rtol=0, atol=1e-12)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(3).get_state())
+    assert "momentum_buffer" not in opt.state[q]
+
+
+def test_divergence_messages_name_the_step_and_the_group():
+    free = nn.Parameter(torch.zeros(2, dtype=DT))
+    q = nn.Parameter(torch.tensor([1.0, 0.0], dtype=DT))
+    opt = ConstrainedLangevin([{"params": [free]}, {"params": [q], "constraint": "sphere", "radius": 1.0}],
+                              lr=0.5, dynamics="overdamped")
+    free.grad = torch.zeros(2, dtype=DT)
+    q.grad = torch.zeros(2, dtype=DT)
+    opt.step()
+    q.grad = torch.tensor([float("nan"), 0.0], dtype=DT)
+    with pytest.raises(train.Diverged, match=r"^ConstrainedLangevin diverged at step 2, param group 1 "
+                                             r"\(Sphere\(r=1\)\): non-finite gradient; hyperparameters"):
+        opt.step()
+    # the trial point q − lr g = (1, 0) − 0.5 (2, 0) is the origin: SHAKE has no normal to follow
+    q.grad = torch.tensor([2.0, 0.0], dtype=DT)
+    with pytest.raises(train.Diverged, match=r"^ConstrainedLangevin diverged at step 3, param group 1 "
+                                             r"\(Sphere\(r=1\)\): SHAKE on the sphere constraint did not"):
+        opt.step()
+
+
+def test_rattle_velocity_from_a_loosely_solved_position_by_hand():
+    """As above with SHAKE's tolerance 0.1: one Newton step, φ = 1.36 − 1 = 0.36, φ' = 2·1:
+    q' = (1 − 0.18, −0.6) = (0.82, −0.6), |q'|² = 1.0324 (residual 0.0324 < 0.1). RATTLE:
+    v = (q − q')/lr = (0.36, 1.2), q'·v = 0.2952 − 0.72 = −0.4248,
+    b = v + 0.4248 q' = (0.36 + 0.348336, 1.2 − 0.25488) = (0.708336, 0.94512)."""
+    q = nn.Parameter(torch.tensor([1.0, 0.0], dtype=DT))
+    opt = ConstrainedLangevin([q], lr=0.5, momentum=0.9, constraint=Sphere(1.0, tol=0.1))
+    q.grad = torch.tensor([0.0, 1.2], dtype=DT)
+    opt.step()
+    torch.testing.assert_close(q.detach(), torch.tensor([0.82, -0.6], dtype=DT), rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt.state[q]["momentum_buffer"], torch.tensor([[0.708336, 0.94512]], dtype=DT),
+                               rtol=0, atol=1e-12)
+    assert opt.state[q]["shake_iters"] == 1

@@ -490,3 +490,56 @@ def test_load_state_dict_without_the_multirate_counters():
     assert (o2.steps, o2.slow_steps, o2.fast_steps) == (0, 0, 0) and o2.next_is_slow
     for p in model.parameters():
         assert torch.equal(o2.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
+
+def reference_random_role(w0, grads, masks, lr, mu, wd, k, drift):
+    """The random role element by element (the class docstring): a slow element keeps its buffer
+    on fast steps and moves lr·buf per step (drift) or k·lr·buf at the slow step (no drift)."""
+    w, buf = list(w0), [None] * len(w0)
+    for s, g in enumerate(grads):
+        slow_step = s % k == 0
+        mask = masks[s // k]
+        for i in range(len(w)):
+            d = g[i] + wd * w[i]
+            if buf[i] is None:
+                buf[i] = d
+            elif slow_step or not mask[i]:
+                buf[i] = mu * buf[i] + d
+            if not mask[i] or drift:
+                w[i] -= lr * buf[i]
+            elif slow_step:
+                w[i] -= k * lr * buf[i]
+    return w
+
+
+@pytest.mark.parametrize("drift", [True, False])
+def test_random_role_by_element_over_two_cycles(drift):
+    w0 = [1.0, -0.5, 0.25, 2.0, -1.5, 0.75]
+    grads = [[0.3, -0.2, 0.5, 0.1, -0.4, 0.2], [-0.1, 0.4, 0.2, -0.3, 0.6, 0.1],
+             [0.2, 0.1, -0.5, 0.4, 0.3, -0.2]]
+    replay = torch.Generator().manual_seed(11)
+    masks = [(torch.rand(6, generator=replay) < 0.5).tolist() for _ in range(2)]
+    assert all(any(m) and not all(m) for m in masks) and masks[0] != masks[1]
+    p = nn.Parameter(torch.tensor(w0, dtype=torch.float64))
+    opt = MultirateSGD([{"params": [p], "role": "random"}], lr=0.1, momentum=0.5, k=2, drift=drift,
+                       weight_decay=1.0, slow_fraction=0.5, generator=torch.Generator().manual_seed(11))
+    for g in grads:
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        assert opt.step() is None
+    want = reference_random_role(w0, grads, masks, lr=0.1, mu=0.5, wd=1.0, k=2, drift=drift)
+    np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12, atol=1e-15)
+
+
+def test_zero_weight_decay_never_reads_the_weights_as_torch_sgd():
+    # an infinite weight: with weight_decay = 0 the buffer is the gradient (inf·0 would be nan)
+    a = nn.Parameter(torch.tensor([float("inf"), 1.0], dtype=torch.float64))
+    b = nn.Parameter(a.detach().clone())
+    opt_a = MultirateSGD([a], lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD([b], lr=0.1, momentum=0.9)
+    for p in (a, b):
+        p.grad = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    opt_a.step()
+    opt_b.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(opt_a.state[a]["momentum_buffer"], opt_b.state[b]["momentum_buffer"],
+                               rtol=0, atol=0)

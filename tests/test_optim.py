@@ -140,3 +140,17 @@ def test_padam_defaults_and_boundaries():
             Padam([w], betas=betas)
     with pytest.raises(ValueError, match="eps and weight_decay must be >= 0"):
         Padam([w], eps=-1.0)
+
+
+def test_unit_weight_decay_is_adamw_and_step_returns_none_without_closure():
+    # λ = 1 decays like any other λ (p = ½, ε = 0 is AdamW): θ(1 − ηλ) before the update
+    a = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a = Padam([a], lr=0.01, eps=0.0, weight_decay=1.0, partial=0.5, amsgrad=False)
+    opt_b = torch.optim.AdamW([b], lr=0.01, eps=0.0, weight_decay=1.0)
+    for g in GRADS[:3]:
+        for p in (a, b):
+            p.grad = torch.tensor(g[:3], dtype=torch.float64)
+        assert opt_a.step() is None
+        opt_b.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)

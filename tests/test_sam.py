@@ -505,3 +505,47 @@ def test_random_masks_live_on_the_parameters_device():
         q.grad = torch.ones_like(q)
     opt.first_step()
     opt.second_step()
+
+
+def test_vanishing_gradient_is_divided_by_its_norm_plus_1e_12():
+    # ‖g‖ = 5e-13: ε = ρ g / (5e-13 + 1e-12) = ρ g / 1.5e-12, bounded and along g
+    p = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = SAM([p], lr=0.1, rho=1.0)
+    p.grad = torch.tensor([3e-13, 4e-13], dtype=torch.float64)
+    opt.first_step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.2, 0.8 / 3], dtype=torch.float64), rtol=1e-12, atol=0)
+    # the same with a ρ per group (ρ = 1 and 2): ε_a = 3e-13 / 1.5e-12, ε_b = 2 · 4e-13 / 1.5e-12
+    a, b = nn.Parameter(torch.zeros(1, dtype=torch.float64)), nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SAM([{"params": [a], "rho": 1.0}, {"params": [b], "rho": 2.0}], lr=0.1)
+    a.grad, b.grad = torch.tensor([3e-13], dtype=torch.float64), torch.tensor([4e-13], dtype=torch.float64)
+    opt.first_step()
+    torch.testing.assert_close(torch.cat([a.detach(), b.detach()]),
+                               torch.tensor([0.2, 1.6 / 3], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_linf_ball_with_a_random_mask_leaves_the_other_coordinates_alone():
+    # ε = ρ sign(g) on the 3 drawn coordinates of the 8 (weight 2×3, then bias 2), exactly 0 elsewhere
+    model = nn.Linear(3, 2).double()
+    opt = SAM(model, lr=0.1, rho=0.25, p=math.inf, perturb="random", n_random=3, random_from="all",
+              generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(8, dtype=torch.float64)
+    mask[torch.randperm(8, generator=torch.Generator().manual_seed(5))[:3]] = 1
+    g = torch.tensor([0.5, -1.0, 2.0, -0.1, 0.3, -0.7, 1.5, -2.5], dtype=torch.float64)
+    model.weight.grad, model.bias.grad = g[:6].reshape(2, 3).clone(), g[6:].clone()
+    w0 = torch.cat([q.detach().flatten() for q in model.parameters()])
+    opt.first_step()
+    moved = torch.cat([q.detach().flatten() for q in model.parameters()]) - w0
+    torch.testing.assert_close(moved, 0.25 * torch.sign(g) * mask, rtol=0, atol=1e-15)
+
+
+def test_second_step_without_a_first_step_is_the_base_step():
+    # before any first_step and again right after a second_step: nothing to undo, SGD's step only
+    a = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    b = nn.Parameter(a.detach().clone())
+    opt, ref = SAM([a], lr=0.1, momentum=0.5), torch.optim.SGD([b], lr=0.1, momentum=0.5)
+    for _ in range(2):
+        for p in (a, b):
+            p.grad = torch.tensor([0.4, 0.2], dtype=torch.float64)
+        opt.second_step()
+        ref.step()
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)

@@ -702,6 +702,9 @@ def test_swag_sample_scale_zero_is_swa_and_errors():
 
 def test_swag_variance_clamped():
     model = nn.Linear(1, 1).double()
+    with torch.no_grad():  # zeros: the running moments stay exactly 0 (a random init rounds to ~1e-17)
+        for p in model.parameters():
+            p.zero_()
     swag = A.SWAG(model, dtype=torch.float64)
     for _ in range(3):
         swag.collect(model)  # identical iterates: variance 0, clamped to 1e-30

@@ -2,6 +2,7 @@
 the learning-rate schedules, each against an independent reference (a hand loop, NumPy's
 moments, the empirical moments of many samples, hand-computed schedule values)."""
 import copy
+import math
 import re
 
 import numpy as np
@@ -840,3 +841,50 @@ def test_errors_state_what_is_needed():
             call()
     with pytest.raises(TypeError, match=_msg("IterateAveraging wraps a torch.optim.Optimizer, got Sequential")):
         A.IterateAveraging(model)
+
+
+def test_swag_sample_is_the_seeded_gaussian_in_the_swag_dtype():
+    """Three iterates of a 2-parameter model in float64, K = 3: D = (0, θ₂ − θ̄₂, θ₃ − θ̄₃) with the
+    running means; θ̃ = θ̄ + √scale (√var · z₁ + Dᵀz₂/√(K − 1)), z₁ then z₂ drawn in float64."""
+    model = nn.Linear(1, 1).double()
+    swag = A.SWAG(model, max_rank=3, dtype=torch.float64)
+    thetas = np.array([[1.0, 2.0], [3.0, -1.0], [2.0, 0.5]])
+    for th in thetas:
+        vector_to_parameters(torch.tensor(th), model.parameters())
+        swag.collect(model)
+    mean, var = thetas.mean(0), thetas.var(0)
+    dev = np.array([[0.0, 0.0], thetas[1] - thetas[:2].mean(0), thetas[2] - mean])
+    replay = torch.Generator().manual_seed(4)
+    z1 = torch.randn(2, generator=replay, dtype=torch.float64).numpy()
+    z2 = torch.randn(3, generator=replay, dtype=torch.float64).numpy()
+    got = swag.sample(scale=0.3, generator=torch.Generator().manual_seed(4))
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), mean + math.sqrt(0.3) * (np.sqrt(var) * z1 + dev.T @ z2 / math.sqrt(2)),
+                               rtol=1e-12)
+    # the defaults are scale = ½ and the low-rank part
+    np.testing.assert_allclose(swag.sample(generator=torch.Generator().manual_seed(4)).numpy(),
+                               mean + math.sqrt(0.5) * (np.sqrt(var) * z1 + dev.T @ z2 / math.sqrt(2)), rtol=1e-12)
+
+
+def test_swag_load_keeps_the_models_dtype_for_a_single_parameter():
+    model = nn.Linear(2, 1, bias=False)  # one float32 parameter
+    swag = A.SWAG(model, dtype=torch.float64)
+    out = swag.load(model, torch.tensor([0.25, -1.5], dtype=torch.float64))
+    assert out is model and model.weight.dtype == torch.float32
+    assert model.weight.detach().tolist() == [[0.25, -1.5]]
+
+
+def test_swag_collect_in_its_own_dtype_and_a_rank_one_ring_buffer():
+    # a float32 model, float64 moments: θ = 1 + 2⁻²⁰ (exact in float32) has θ² = 1 + 2⁻¹⁹ + 2⁻⁴⁰,
+    # which float32 would round to 1 + 2⁻¹⁹
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1 + 2 ** -20)
+    swag = A.SWAG(model, max_rank=1, dtype=torch.float64)
+    swag.collect(model)
+    assert swag.sq_mean.tolist() == [1 + 2 ** -19 + 2 ** -40]
+    # K = 1 keeps the last deviation: θ₂ − (θ₁ + θ₂)/2 = (3 − (1 + 2⁻²⁰))/2
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    swag.collect(model)
+    assert swag.rank == 1 and swag.deviations.tolist() == [[(3.0 - (1 + 2 ** -20)) / 2]]

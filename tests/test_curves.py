@@ -695,3 +695,20 @@ def test_bad_input_is_rejected_with_the_valid_choices():
     for ratio in (0.0, 1.5):
         with pytest.raises(ValueError, match=_msg(f"final_lr_ratio must lie in (0, 1], got {ratio}")):
             curves.fit(curve, ds, epochs=1, lr=0.1, final_lr_ratio=ratio)
+
+
+def test_evaluate_integer_ts_as_floats_and_leaves_the_template_alone():
+    # ts = [0, 1] (integers): the stats hold them as float64; evaluating loads each φ(t) into a
+    # deep copy, so the curve's template keeps its own weights (here: all 7)
+    template = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        template.weight.fill_(7.0)
+    curve = curves.Curve(template, [{"weight": torch.zeros(2, 1)}, {"weight": torch.tensor([[3.0], [4.0]])}],
+                         n_bends=0)
+    before = {k: v.clone() for k, v in curve.template.state_dict().items()}
+    x, y = torch.ones(1, 1), torch.ones(1, dtype=torch.long)
+    st = curves.evaluate(curve, [0, 1], x, y, x, y)
+    assert st.ts.dtype == np.float64 and st.ts.tolist() == [0.0, 1.0]
+    assert st.sq_norm.tolist() == [0.0, 25.0]
+    for k, v in curve.template.state_dict().items():
+        assert torch.equal(v, before[k])

@@ -485,3 +485,56 @@ def test_vmap_strategy_runs_vmap_and_warns_when_it_falls_back(cls, reason):
     with warnings.catch_warnings():
         warnings.simplefilter("error", landscape.VmapFallbackWarning)
         landscape.line(net, w, d, [0.0, 1.0], x, y, strategy="loop")  # no vmap, no warning
+
+
+def test_states_accuracy_by_hand_and_the_model_is_left_alone():
+    # W = I: logits = x, predictions (0, 1, 0) for labels (0, 0, 0), accuracy 2/3; W = the swap:
+    # predictions (1, 0, 1), accuracy 1/3
+    net = torch.nn.Linear(2, 2, bias=False)
+    w0 = net.weight.detach().clone()
+    x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]]), torch.zeros(3, dtype=torch.long)
+    pts = landscape.states(net, [{"weight": torch.eye(2)}, {"weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}], x, y)
+    assert isinstance(pts.acc, np.ndarray) and pts.acc.tolist() == pytest.approx([2 / 3, 1 / 3], rel=1e-6)
+    np.testing.assert_allclose(pts.loss, [F.cross_entropy(x, y).item(), F.cross_entropy(x.flip(1), y).item()],
+                               rtol=1e-6)
+    assert torch.equal(net.weight.detach(), w0)  # evaluated on a deep copy
+
+
+def test_states_recompute_re_estimates_bn_at_each_point(problem):
+    net, w, d1, _, x, y = problem
+    pts = [params.lerp(w, {k: w[k] + d1[k] for k in w}, t) for t in (0.0, 1.0)]
+    got = landscape.states(net, pts, x, y, bn="recompute", bn_data=x[:20])
+    want = [_manual(net, p, x, y, bn_data=x[:20]) for p in pts]
+    np.testing.assert_allclose(got.loss, [lo for lo, _ in want], rtol=1e-5)
+    np.testing.assert_allclose(got.acc, [a for _, a in want], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^no points to evaluate: a path needs at least one point$"):
+        landscape.states(net, [], x, y)
+
+
+def test_vmap_with_chunks_of_one_and_a_direction_on_some_tensors(problem):
+    net, w, d1, _, x, y = problem
+    part = {k: v for k, v in d1.items() if k.endswith("weight")}  # biases left alone
+    assert set(part) != set(w)
+    vm = landscape.line(net, w, part, [0.0, 0.5, 1.0], x, y, strategy="vmap", chunk_size=1)
+    for i, a in enumerate([0.0, 0.5, 1.0]):
+        point = {k: v + a * part[k] if k in part else v for k, v in w.items()}
+        lo, acc = _manual(net, point, x, y)
+        assert vm.loss[i] == pytest.approx(lo, rel=1e-5) and vm.acc[i] == pytest.approx(acc)
+
+
+def test_vmap_on_a_tied_weight_named_twice_equals_the_loop():
+    # the centre (a state_dict) names lin1's weight under both layers; the direction moves the
+    # unshared biases only, so every strategy sees one unambiguous point
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    lin2.weight = lin1.weight
+    net = torch.nn.Sequential(lin1, torch.nn.Tanh(), lin2).eval()
+    x, y = torch.randn(20, 4), torch.randint(0, 4, (20,))
+    center = {k: v.clone() for k, v in net.state_dict().items()}
+    assert "2.weight" in center
+    d = {k: torch.randn(center[k].shape) for k in ("0.bias", "2.bias")}
+    vm = landscape.line(net, center, d, [0.0, 0.5], x, y, strategy="vmap")
+    for i, a in enumerate([0.0, 0.5]):
+        point = {k: v + a * d[k] if k in d else v for k, v in center.items()}
+        assert vm.loss[i] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-5)
+    assert vm.loss[1] != vm.loss[0]

@@ -213,6 +213,30 @@ def _evaluate_sharded(pg, model, center, directions, coeffs, x, y, **kwargs) -> 
     return Points(loss, acc)
 
 
+def _by_tensor(model, center, directions):
+    """One entry per tensor of the model that ``center`` names: names of one tensor (a tied
+    weight, a module used twice) form a group. Returns ``(groups, center, directions)`` keyed by
+    each group's first name: the centre is the group's last name's value (as writing every name
+    into the shared tensor in turn leaves it), and a direction moves the tensor by the sum of
+    its entries over the group's names (absent if it names none)."""
+    slots = {**dict(model.named_parameters(remove_duplicate=False)),
+             **dict(model.named_buffers(remove_duplicate=False))}
+    groups: dict[int, list[str]] = {}
+    for k in center:
+        groups.setdefault(id(slots[k]) if k in slots else id(k), []).append(k)
+    groups_list = list(groups.values())
+    c = {g[0]: center[g[-1]] for g in groups_list}
+    ds = []
+    for d in directions:
+        out = {}
+        for g in groups_list:
+            parts = [d[k] for k in g if k in d]
+            if parts:
+                out[g[0]] = sum(parts[1:], parts[0])
+        ds.append(out)
+    return groups_list, c, ds
+
+
 def _evaluate_loop(model, center, directions, coeffs, x, y, loss_fn, bn, bn_data) -> Points:
     """One forward pass per point through a private copy of the model, whose tensors are
     rewritten in place for every point: ``θ(c) = ((θ* + c_0 d_0) + c_1 d_1) + …`` by
@@ -230,6 +254,7 @@ def _evaluate_loop(model, center, directions, coeffs, x, y, loss_fn, bn, bn_data
     if unknown:
         raise KeyError(f"the centre has keys that are not parameters or buffers of the model: "
                        f"{unknown[:5]}; valid names include {list(slots)[:5]}")
+    _, center, directions = _by_tensor(work, center, directions)
     names = list(center)
     src = [center[k] for k in names]
     dst = [slots[k] for k in names]
@@ -276,9 +301,11 @@ def _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn, chunk_size)
         buffers = dict(model.named_buffers())
         dtype = next(iter(center.values())).dtype
         device = next(iter(center.values())).device
+        # one entry per tensor (tied names share one, as in the loop)
+        groups, base, dirs = _by_tensor(model, center, directions)
         # D[k]: [n_dirs, *shape] (zeros where a direction leaves a tensor alone)
-        stacked = {k: torch.stack([d[k] if k in d else torch.zeros_like(c) for d in directions])
-                   for k, c in center.items()}
+        stacked = {k: torch.stack([d[k] if k in d else torch.zeros_like(c) for d in dirs])
+                   for k, c in base.items()}
 
         def logits(theta):
             return functional_call(model, ({**buffers, **theta},), (x,), tie_weights=False)
@@ -289,8 +316,8 @@ def _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn, chunk_size)
         for start in range(0, len(coeffs), chunk_size):
             cm = torch.as_tensor(coeffs[start:start + chunk_size], dtype=dtype, device=device)
             # θ[m] = θ* + Σ_i C[m, i] D_i  for every tensor, as one contraction
-            theta = {k: center[k].unsqueeze(0) + torch.tensordot(cm, stacked[k], dims=1)
-                     for k in center}
+            moved = {k: base[k].unsqueeze(0) + torch.tensordot(cm, stacked[k], dims=1) for k in base}
+            theta = {k: moved[g[0]] for g in groups for k in g}
             try:
                 out = batched(theta)  # [m, N, classes]
                 loss = batched_loss(out, y)

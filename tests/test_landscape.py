@@ -538,3 +538,34 @@ def test_vmap_on_a_tied_weight_named_twice_equals_the_loop():
         point = {k: v + a * d[k] if k in d else v for k, v in center.items()}
         assert vm.loss[i] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-5)
     assert vm.loss[1] != vm.loss[0]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_a_tied_weight_moves_as_one_tensor_in_lines_and_planes(strategy):
+    """lin2.weight is lin1.weight, named twice by the state_dict centre. One tensor, so a direction
+    that names either alias moves it in both layers, and along a plane it moves by α·d1 + β·d2
+    even when d1 and d2 name different aliases (the point is built by hand and loaded with
+    ``load_state_dict``, both names set to the one value)."""
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    lin2.weight = lin1.weight
+    net = torch.nn.Sequential(lin1, torch.nn.Tanh(), lin2).eval()
+    x, y = torch.randn(30, 4), torch.randint(0, 4, (30,))
+    center = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    d1 = {k: torch.randn(center[k].shape, generator=g) for k in ("0.weight", "0.bias")}
+    d2 = {k: torch.randn(center[k].shape, generator=g) for k in ("2.weight", "2.bias")}
+    kw = {"strategy": strategy}
+    ln = landscape.line(net, center, d1, [0.0, 0.5, 1.0], x, y, **kw)
+    sf = landscape.plane(net, center, d1, d2, [0.0, 0.5], [-0.5, 0.5], x, y, **kw)
+    for i, a in enumerate([0.0, 0.5, 1.0]):
+        point = dict(center, **{"0.bias": center["0.bias"] + a * d1["0.bias"]})
+        point["0.weight"] = point["2.weight"] = center["0.weight"] + a * d1["0.weight"]
+        assert ln.loss[i] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-5)
+    for j, b in enumerate([-0.5, 0.5]):
+        for i, a in enumerate([0.0, 0.5]):
+            point = dict(center, **{"0.bias": center["0.bias"] + a * d1["0.bias"],
+                                    "2.bias": center["2.bias"] + b * d2["2.bias"]})
+            point["0.weight"] = point["2.weight"] = (center["0.weight"] + a * d1["0.weight"]
+                                                     + b * d2["2.weight"])
+            assert sf.loss[j, i] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-5)

@@ -292,21 +292,21 @@ class SparseMasker:
         self._m = [self._float[n] for n in self.names]
 
     # -- masking ----------------------------------------------------------------------------
-    @torch.no_grad()
     def apply(self) -> None:
         """Zero the masked weights (after every optimizer step)."""
-        torch._foreach_mul_(self._w, self._m)
+        with torch.no_grad():
+            torch._foreach_mul_(self._w, self._m)
 
-    @torch.no_grad()
     def mask_grads(self) -> None:
         """Zero the gradients of masked weights (before the optimizer step)."""
-        grads = [w.grad for w in self._w]
-        if any(g is None for g in grads):
-            pairs = [(g, m) for g, m in zip(grads, self._m) if g is not None]
-            if pairs:
-                torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
-            return
-        torch._foreach_mul_(grads, self._m)
+        with torch.no_grad():
+            grads = [w.grad for w in self._w]
+            if any(g is None for g in grads):
+                pairs = [(g, m) for g, m in zip(grads, self._m) if g is not None]
+                if pairs:
+                    torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+                return
+            torch._foreach_mul_(grads, self._m)
 
     def set_masks(self, masks: Mapping[str, torch.Tensor], optimizer=None) -> None:
         """Replace the masks (e.g. by :func:`global_magnitude_masks`), zero the weights outside
@@ -319,68 +319,68 @@ class SparseMasker:
         if optimizer is not None:
             self._reset_state(optimizer, {n: self.masks[n] & ~old[n] for n in self.names})
 
-    @torch.no_grad()
     def _reset_state(self, optimizer, new: Mapping[str, torch.Tensor]) -> None:
         """Optimizer state of newly grown connections → 0; state of inactive ones → 0."""
-        for n in self.names:
-            w = self.weights[n]
-            state = optimizer.state.get(w, {})
-            keep = self._float[n] * (~new[n]).to(w.dtype)
-            for v in state.values():
-                if isinstance(v, torch.Tensor) and v.shape == w.shape:
-                    v.mul_(keep)
+        with torch.no_grad():
+            for n in self.names:
+                w = self.weights[n]
+                state = optimizer.state.get(w, {})
+                keep = self._float[n] * (~new[n]).to(w.dtype)
+                for v in state.values():
+                    if isinstance(v, torch.Tensor) and v.shape == w.shape:
+                        v.mul_(keep)
 
     # -- drop and grow ----------------------------------------------------------------------
-    @torch.no_grad()
     def drop_grow(self, fraction: float, optimizer=None, *, grow: str | None = None) -> dict:
         """One drop/grow of ``⌊fraction · |active_l|⌋`` connections in every layer: drop the
         smallest ``|W|``, grow the largest ``|∂L/∂W|`` (``W.grad`` must hold the dense gradient)
         or random positions. Returns per-layer numbers of changed connections."""
-        grow = self.grow if grow is None else grow
-        if grow not in GROW_RULES:
-            raise ValueError(f"unknown grow rule {grow!r}; valid choices: {', '.join(GROW_RULES)}")
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"drop fraction must lie in [0, 1], got {fraction!r}")
-        changed, new_masks = {}, {}
-        for n in self.names:
-            w, mask = self.weights[n], self.masks[n]
-            flat_mask = mask.reshape(-1)
-            active = flat_mask.nonzero().squeeze(1)
-            k = math.floor(fraction * active.numel())
-            if k == 0:
-                new_masks[n], changed[n] = mask, 0
-                continue
-            # drop: the k active weights of smallest |W| (+ tie-breaking noise)
-            score = w.reshape(-1)[active].abs()
-            if self.tie_noise > 0:
-                score = score + self.tie_noise * torch.randn(
-                    score.shape, generator=self.generator).to(score.device)
-            dropped = active[torch.topk(score, k, largest=False).indices]
-            kept = flat_mask.clone()
-            kept[dropped] = False
-            # grow: k positions among all not kept (just-dropped included)
-            if grow == "gradient":
-                if w.grad is None:
-                    raise RuntimeError(f"RigL growth needs the dense gradient of {n!r}.weight; "
-                                       "run a backward pass first")
-                gscore = w.grad.reshape(-1).abs().clone()
-            else:
-                gscore = torch.rand(flat_mask.shape, generator=self.generator).to(w.device)
-            gscore[kept] = -math.inf
-            grown = torch.topk(gscore, k).indices
-            new = kept.clone()
-            new[grown] = True
-            new_masks[n] = new.view(mask.shape)
-            changed[n] = int((new & ~flat_mask).sum())
-        new_conn = {n: new_masks[n] & ~self.masks[n] for n in self.names}
-        self.masks = new_masks
-        self._refresh()
-        self.apply()  # dropped weights → 0; regrown just-dropped ones keep their value
-        for n in self.names:  # newly grown start at 0 (they were masked, hence already 0)
-            self.weights[n].data[new_conn[n]] = 0
-        if optimizer is not None:
-            self._reset_state(optimizer, new_conn)
-        return changed
+        with torch.no_grad():
+            grow = self.grow if grow is None else grow
+            if grow not in GROW_RULES:
+                raise ValueError(f"unknown grow rule {grow!r}; valid choices: {', '.join(GROW_RULES)}")
+            if not 0 <= fraction <= 1:
+                raise ValueError(f"drop fraction must lie in [0, 1], got {fraction!r}")
+            changed, new_masks = {}, {}
+            for n in self.names:
+                w, mask = self.weights[n], self.masks[n]
+                flat_mask = mask.reshape(-1)
+                active = flat_mask.nonzero().squeeze(1)
+                k = math.floor(fraction * active.numel())
+                if k == 0:
+                    new_masks[n], changed[n] = mask, 0
+                    continue
+                # drop: the k active weights of smallest |W| (+ tie-breaking noise)
+                score = w.reshape(-1)[active].abs()
+                if self.tie_noise > 0:
+                    score = score + self.tie_noise * torch.randn(
+                        score.shape, generator=self.generator).to(score.device)
+                dropped = active[torch.topk(score, k, largest=False).indices]
+                kept = flat_mask.clone()
+                kept[dropped] = False
+                # grow: k positions among all not kept (just-dropped included)
+                if grow == "gradient":
+                    if w.grad is None:
+                        raise RuntimeError(f"RigL growth needs the dense gradient of {n!r}.weight; "
+                                           "run a backward pass first")
+                    gscore = w.grad.reshape(-1).abs().clone()
+                else:
+                    gscore = torch.rand(flat_mask.shape, generator=self.generator).to(w.device)
+                gscore[kept] = -math.inf
+                grown = torch.topk(gscore, k).indices
+                new = kept.clone()
+                new[grown] = True
+                new_masks[n] = new.view(mask.shape)
+                changed[n] = int((new & ~flat_mask).sum())
+            new_conn = {n: new_masks[n] & ~self.masks[n] for n in self.names}
+            self.masks = new_masks
+            self._refresh()
+            self.apply()  # dropped weights → 0; regrown just-dropped ones keep their value
+            for n in self.names:  # newly grown start at 0 (they were masked, hence already 0)
+                self.weights[n].data[new_conn[n]] = 0
+            if optimizer is not None:
+                self._reset_state(optimizer, new_conn)
+            return changed
 
     def reexplore(self, q: float, optimizer=None, *, grow: str | None = None,
                   batch: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -460,23 +460,23 @@ def dead_units(masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {n: int((m.reshape(m.shape[0], -1).sum(1) == 0).sum()) for n, m in masks.items()}
 
 
-@torch.no_grad()
 def global_magnitude_masks(weights: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
     """Masks keeping the ``round(density · Σ N_l)`` largest ``|W|`` over all layers together
     (Sup-tickets' re-pruning of a superposed network; ties broken by position)."""
-    _check_density(density)
-    names = list(weights)
-    flat = torch.cat([weights[n].detach().reshape(-1).abs().float().cpu() for n in names])
-    keep = round(density * flat.numel())
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    # a stable descending sort, not topk: topk does not order ties by position
-    mask[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
-    out, i = {}, 0
-    for n in names:
-        size = weights[n].numel()
-        out[n] = mask[i:i + size].view(weights[n].shape).to(weights[n].device)
-        i += size
-    return out
+    with torch.no_grad():
+        _check_density(density)
+        names = list(weights)
+        flat = torch.cat([weights[n].detach().reshape(-1).abs().float().cpu() for n in names])
+        keep = round(density * flat.numel())
+        mask = torch.zeros(flat.numel(), dtype=torch.bool)
+        # a stable descending sort, not topk: topk does not order ties by position
+        mask[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
+        out, i = {}, 0
+        for n in names:
+            size = weights[n].numel()
+            out[n] = mask[i:i + size].view(weights[n].shape).to(weights[n].device)
+            i += size
+        return out
 
 
 # --- FLOPs ------------------------------------------------------------------------------------
@@ -567,17 +567,17 @@ def superposition(model: nn.Module, rule: str = "caa", lam: float = 0.5):
     return AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(1 - lam))
 
 
-@torch.no_grad()
 def reprune(model: nn.Module, density: float, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Global magnitude re-pruning in place: keep the ``round(density · Σ N_l)`` largest ``|W|``
     over the weights of ``names`` (default: every Linear/Conv), zero the rest; returns the masks."""
-    named = dict(model.named_modules())
-    names = maskable(model) if names is None else list(names)
-    missing = [n for n in names if not isinstance(getattr(named.get(n), "weight", None), torch.Tensor)]
-    if missing:
-        raise ValueError(f"modules {missing} have no weight; maskable: {', '.join(maskable(model))}")
-    weights = {n: named[n].weight for n in names}
-    masks = global_magnitude_masks(weights, density)
-    for n, w in weights.items():
-        w.mul_(masks[n].to(w.dtype))
-    return masks
+    with torch.no_grad():
+        named = dict(model.named_modules())
+        names = maskable(model) if names is None else list(names)
+        missing = [n for n in names if not isinstance(getattr(named.get(n), "weight", None), torch.Tensor)]
+        if missing:
+            raise ValueError(f"modules {missing} have no weight; maskable: {', '.join(maskable(model))}")
+        weights = {n: named[n].weight for n in names}
+        masks = global_magnitude_masks(weights, density)
+        for n, w in weights.items():
+            w.mul_(masks[n].to(w.dtype))
+        return masks

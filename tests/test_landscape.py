@@ -522,15 +522,21 @@ def test_vmap_with_chunks_of_one_and_a_direction_on_some_tensors(problem):
         assert vm.loss[i] == pytest.approx(lo, rel=1e-5) and vm.acc[i] == pytest.approx(acc)
 
 
-def test_vmap_on_a_tied_weight_named_twice_equals_the_loop():
-    # the centre (a state_dict) names lin1's weight under both layers; the direction moves the
-    # unshared biases only, so every strategy sees one unambiguous point
+def tied_net(n):
+    """Linear–tanh–linear with the second weight tied to the first, its state_dict centre (which
+    names the tied weight twice, ``0.weight`` and ``2.weight``) and ``n`` points."""
     torch.manual_seed(0)
     lin1, lin2 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     lin2.weight = lin1.weight
     net = torch.nn.Sequential(lin1, torch.nn.Tanh(), lin2).eval()
-    x, y = torch.randn(20, 4), torch.randint(0, 4, (20,))
-    center = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.randn(n, 4), torch.randint(0, 4, (n,))
+    return net, {k: v.clone() for k, v in net.state_dict().items()}, x, y
+
+
+def test_vmap_on_a_tied_weight_named_twice_equals_the_loop():
+    # the centre (a state_dict) names lin1's weight under both layers; the direction moves the
+    # unshared biases only, so every strategy sees one unambiguous point
+    net, center, x, y = tied_net(20)
     assert "2.weight" in center
     d = {k: torch.randn(center[k].shape) for k in ("0.bias", "2.bias")}
     vm = landscape.line(net, center, d, [0.0, 0.5], x, y, strategy="vmap")
@@ -546,12 +552,7 @@ def test_a_tied_weight_moves_as_one_tensor_in_lines_and_planes(strategy):
     that names either alias moves it in both layers, and along a plane it moves by α·d1 + β·d2
     even when d1 and d2 name different aliases (the point is built by hand and loaded with
     ``load_state_dict``, both names set to the one value)."""
-    torch.manual_seed(0)
-    lin1, lin2 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    lin2.weight = lin1.weight
-    net = torch.nn.Sequential(lin1, torch.nn.Tanh(), lin2).eval()
-    x, y = torch.randn(30, 4), torch.randint(0, 4, (30,))
-    center = {k: v.clone() for k, v in net.state_dict().items()}
+    net, center, x, y = tied_net(30)
     g = torch.Generator().manual_seed(1)
     d1 = {k: torch.randn(center[k].shape, generator=g) for k in ("0.weight", "0.bias")}
     d2 = {k: torch.randn(center[k].shape, generator=g) for k in ("2.weight", "2.bias")}

@@ -35,6 +35,22 @@ def mr_step(model, opt, x, y):
     return loss
 
 
+def assert_steps_match_sgd(a, opt_a, b, opt_b, data, every_step=False):
+    """Step model ``a`` with ``opt_a`` (through ``mr_step``) and its copy ``b`` with
+    ``torch.optim.SGD`` on the same batches; their parameters agree (after every step, or at the end)."""
+    def same():
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    for x, y in data:
+        mr_step(a, opt_a, x, y)
+        opt_b.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        opt_b.step()
+        if every_step:
+            same()
+    same()
+
+
 @pytest.mark.parametrize("by", ["layer", "name", "random"])
 @pytest.mark.parametrize("wd", [0.0, 1e-3])
 def test_k1_is_plain_sgd_step_for_step(by, wd):
@@ -42,13 +58,7 @@ def test_k1_is_plain_sgd_step_for_step(by, wd):
     kw = {"fast": ("fc1",)} if by == "name" else {}
     opt_a = MultirateSGD(multirate.partition(a, by, **kw), lr=0.05, momentum=0.9, k=1, weight_decay=wd)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=wd)
-    for x, y in batches(8):
-        mr_step(a, opt_a, x, y)
-        opt_b.zero_grad()
-        F.cross_entropy(b(x), y).backward()
-        opt_b.step()
-        for pa, pb in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert_steps_match_sgd(a, opt_a, b, opt_b, batches(8), every_step=True)
     assert opt_a.slow_steps == 8 and opt_a.fast_steps == 0
 
 
@@ -362,13 +372,7 @@ def test_role_less_groups_are_plain_sgd_with_momentum():
     opt_a = MultirateSGD(a.parameters(), lr=0.05, momentum=0.9, k=3)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
     assert opt_a.param_groups[0]["role"] == "fast"
-    for x, y in tiny_batches(4):
-        mr_step(a, opt_a, x, y)
-        opt_b.zero_grad()
-        F.cross_entropy(b(x), y).backward()
-        opt_b.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert_steps_match_sgd(a, opt_a, b, opt_b, tiny_batches(4))
     assert (opt_a.slow_steps, opt_a.fast_steps) == (2, 2)
 
 

@@ -40,18 +40,25 @@ def test_one_sam_step_equals_the_hand_computed_two_step_update():
     np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12)
 
 
+def sam_momentum_reference(steps, rho, lr, mom):
+    """SAM with heavy-ball momentum on the quadratic, in NumPy: g at w, g̃ at w + ρ g/‖g‖,
+    buf ← mom·buf + g̃ (g̃ at the first step), w ← w − lr·buf."""
+    w, buf = W0.copy(), None
+    for _ in range(steps):
+        g = quad_grad(w)
+        gt = quad_grad(w + rho * g / np.linalg.norm(g))
+        buf = gt if buf is None else mom * buf + gt
+        w = w - lr * buf
+    return w
+
+
 def test_two_steps_with_momentum_match_the_reference():
     rho, lr, mom = 0.2, 0.05, 0.9
     p = nn.Parameter(torch.tensor(W0))
     opt = SAM([p], torch.optim.SGD, rho=rho, lr=lr, momentum=mom)
     for _ in range(2):
         opt.step(quadratic_closure(p, opt))
-    w, buf = W0.copy(), None
-    for _ in range(2):
-        g = quad_grad(w)
-        gt = quad_grad(w + rho * g / np.linalg.norm(g))
-        buf = gt if buf is None else mom * buf + gt
-        w = w - lr * buf
+    w = sam_momentum_reference(2, rho, lr, mom)
     np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12)
 
 
@@ -388,12 +395,7 @@ def test_state_dict_round_trip_continues_the_reference():
     opt2 = SAM([q], rho=0.9, lr=0.5, momentum=0.1)
     opt2.load_state_dict(opt.state_dict())
     opt2.step(quadratic_closure(q, opt2))
-    w, buf = W0.copy(), None
-    for _ in range(2):
-        g = quad_grad(w)
-        gt = quad_grad(w + rho * g / np.linalg.norm(g))
-        buf = gt if buf is None else mom * buf + gt
-        w = w - lr * buf
+    w = sam_momentum_reference(2, rho, lr, mom)
     np.testing.assert_allclose(q.detach().numpy(), w, rtol=1e-12)
     # one set of groups after loading too: an lr set on SAM is the base optimizer's
     opt2.param_groups[0]["lr"] = 0.0

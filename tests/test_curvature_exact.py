@@ -838,3 +838,14 @@ def test_a_float32_scipy_operator_is_read_in_float64():
     res = C.power_iteration(lin, 200, tol=1e-12, v0=torch.ones(3, dtype=torch.float64))
     assert res.eigenvalue == pytest.approx(4.0, rel=1e-9)
     np.testing.assert_allclose(C.lanczos(lin, 3, v0=torch.ones(3)).ritz_values, [1.0, 2.0, 4.0], atol=1e-6)
+
+
+def test_auto_measures_the_first_chunk_with_two_chunks_too():
+    """With two chunks (4 + 3 points) ``auto`` also measures one chunk's graph before building
+    both, so over a limit of 0 bytes it logs the estimate, not a built graph."""
+    model = tiny_mlp()
+    x, y = tiny_data()
+    op = C.HVPOperator(model, x, y, chunk_size=4, cache_limit=0)
+    op.mv(torch.ones(26, dtype=torch.float64))
+    assert op.mode == "forward-over-reverse"
+    assert op.auto_log == {"cached-graph": "the cached graphs would hold about 0 MiB, over the limit of 0 MiB"}

@@ -551,3 +551,66 @@ def test_second_step_without_a_first_step_is_the_base_step():
         opt.second_step()
         ref.step()
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+def test_a_group_added_after_construction_is_perturbed_and_stepped_by_hand():
+    # SAM([a]), then add_param_group({b, lr=0.2}); g = (3, 0 | 4), ‖g‖ = 5, ρ = 0.5:
+    # ε = 0.5 · (3, 0 | 4) / 5 = (0.3, 0 | 0.4); the base step uses b's own lr and momentum buffer
+    a = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    b = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = SAM([a], lr=0.1, rho=0.5, momentum=0.9)
+    opt.add_param_group({"params": [b], "lr": 0.2})
+    assert opt.base_optimizer.param_groups is opt.param_groups
+    assert opt.param_groups[1]["momentum"] == 0.9 and opt.param_groups[1]["rho"] == 0.5
+    a.grad, b.grad = torch.tensor([3.0, 0.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
+    opt.first_step()
+    np.testing.assert_allclose(a.detach().numpy(), [0.3, 0.0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(b.detach().numpy(), [0.4], rtol=1e-12)
+    a.grad, b.grad = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)
+    opt.second_step()  # SGD from w = 0: a − 0.1 ĝ_a, b − 0.2 ĝ_b (first momentum buffer = ĝ)
+    np.testing.assert_allclose(a.detach().numpy(), [-0.1, -0.2], rtol=1e-12)
+    np.testing.assert_allclose(b.detach().numpy(), [0.2], rtol=1e-12)
+    assert torch.equal(opt.base_optimizer.state[b]["momentum_buffer"], torch.tensor([-1.0], dtype=torch.float64))
+    assert opt.perturbed_count() == 3
+
+
+def test_add_param_group_follows_the_filter_and_refuses_random_masks():
+    model = bn_mlp()
+    bn, lin = model.bn1, model.fc1
+    assert isinstance(bn, nn.BatchNorm1d) and isinstance(lin, nn.Linear)
+    rest = [q for q in model.parameters() if all(q is not r for r in (*bn.parameters(), *lin.parameters()))]
+    opt = SAM(rest, model=model, lr=0.1, perturb="norm")
+    before = opt.perturbed_count()
+    opt.add_param_group({"params": list(lin.parameters())})  # not a norm layer: not perturbed
+    assert opt.perturbed_count() == before and opt._masks[-2:] == [False, False]
+    opt.add_param_group({"params": list(bn.parameters())})  # its weight and bias are
+    assert opt.perturbed_count() == before + 2 * bn.num_features and opt._masks[-2:] == [True, True]
+    # ASAM tells biases apart in an added group too
+    asam = SAM([model.fc1.weight], model=model, lr=0.1, adaptive=True)
+    asam.add_param_group({"params": [model.fc1.bias]})
+    assert asam._is_bias == [False, True]
+    rnd = SAM(model, lr=0.1, perturb="random", n_random=3, generator=torch.Generator().manual_seed(0))
+    extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="draws its mask once"):
+        rnd.add_param_group({"params": [extra]})
+    assert len(rnd.param_groups) == 1 and len(rnd._masks) == len(list(model.parameters()))
+
+
+def test_per_group_ball_options_are_checked():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="valid choices: 2, math.inf"):
+        SAM([{"params": [a]}, {"params": [b], "p": 3}], lr=0.1)
+    with pytest.raises(ValueError, match="one ball over all groups"):
+        SAM([{"params": [a]}, {"params": [b], "p": math.inf}], lr=0.1)
+    for bad in (-1.0, 0.0, math.nan, True, "0.1"):
+        with pytest.raises(ValueError, match="rho must be a positive number"):
+            SAM([{"params": [a]}, {"params": [b], "rho": bad}], lr=0.1)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        SAM([{"params": [a], "eta": -0.5}], lr=0.1)
+    with pytest.raises(ValueError, match="adaptive=True in a param group needs the model"):
+        SAM([{"params": [a], "adaptive": True}], lr=0.1)
+    opt = SAM([a], lr=0.1, p=math.inf)
+    with pytest.raises(ValueError, match="one ball over all groups"):
+        opt.add_param_group({"params": [b], "p": 2})
+    opt.add_param_group({"params": [b], "rho": 0.2})  # same ball, another radius: fine
+    assert [g["p"] for g in opt.param_groups] == [math.inf, math.inf] and len(opt._masks) == 2

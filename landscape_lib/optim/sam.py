@@ -78,6 +78,16 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def _check_ball(rho, eta, p) -> None:
+    """The ball's options, as the constructor and :meth:`SAM.add_param_group` take them."""
+    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a positive number (the radius of the ball), got {rho!r}")
+    if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0):
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    if p not in P_NORMS:
+        raise ValueError(f"unknown p {p!r}; valid choices: 2, math.inf")
+
+
 def _bias_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False)
             if n == "bias"}
@@ -116,12 +126,7 @@ class SAM(torch.optim.Optimizer):
         if isinstance(params, nn.Module):
             model = params if model is None else model
             params = params.parameters()
-        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-            raise ValueError(f"rho must be a positive number (the radius of the ball), got {rho!r}")
-        if not (eta >= 0):
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
-        if p not in P_NORMS:
-            raise ValueError(f"unknown p {p!r}; valid choices: 2, math.inf")
+        _check_ball(rho, eta, p)
         if perturb not in PERTURB:
             raise ValueError(f"unknown perturb filter {perturb!r}; valid choices: {', '.join(PERTURB)}")
         if random_from not in RANDOM_FROM:
@@ -136,16 +141,46 @@ class SAM(torch.optim.Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
                             f"got {base_optimizer!r}")
         defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta), p=p, **base_kwargs)
-        super().__init__(params, defaults)
+        # set before torch's __init__, whose add_param_group calls check each group against them
         self.model, self.bn, self.normalize_bias = model, bn, bool(normalize_bias)
         self.perturb, self.random_from = perturb, random_from
-        # the base optimizer shares SAM's param groups (lr, momentum, ... live in one place)
+        super().__init__(params, defaults)
+        # the base optimizer shares SAM's param groups, the list itself and not only its dicts
+        # (lr, momentum, ... live in one place, and a group added later reaches both)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.base_optimizer.param_groups = self.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         # per parameter, in param-group order (positions, not ids, so train.fork's copy works)
         self._masks = self._build_masks(n_random, generator)
-        bias_ids = _bias_ids(model) if model is not None else set()
-        self._is_bias = [id(q) in bias_ids for q in self._params()]
+        self._bias_ids = _bias_ids(model) if model is not None else set()
+        self._is_bias = [id(q) in self._bias_ids for q in self._params()]
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (``torch.optim`` protocol), to SAM and its base optimizer alike.
+
+        The group's ``rho``, ``eta`` and ``p`` are checked as the constructor checks them; ``p``
+        must be the same in every group, since ε is taken in one ball over all of them. With
+        ``perturb="random"`` the mask is drawn once over the parameters given at construction,
+        so a group cannot be added later.
+        """
+        get = lambda k: param_group.get(k, self.defaults[k])  # noqa: E731
+        p = get("p")
+        _check_ball(get("rho"), get("eta"), p)
+        if self.param_groups and p != self.param_groups[0]["p"]:
+            raise ValueError(f"p={p!r} differs from the other groups' p={self.param_groups[0]['p']!r}: "
+                             "the perturbation is taken in one ball over all groups")
+        constructed = hasattr(self, "_masks")
+        if constructed and self.perturb == "random":
+            raise ValueError("perturb='random' draws its mask once, over the parameters given at "
+                             "construction: build a new SAM to add parameters")
+        if get("adaptive") and self.model is None and not self.normalize_bias:
+            raise ValueError("adaptive=True in a param group needs the model (pass model=... or the "
+                             "module itself as params): biases are told apart by module")
+        super().add_param_group(param_group)
+        if constructed:
+            added = self.param_groups[-1]["params"]
+            self._masks.extend(self._keep()(q) for q in added)
+            self._is_bias.extend(id(q) in self._bias_ids for q in added)
 
     # --- which coordinates move -----------------------------------------------------------
 
@@ -159,8 +194,7 @@ class SAM(torch.optim.Optimizer):
         if self.perturb != "random":
             if n_random is not None:
                 raise ValueError(f"n_random is only used with perturb='random', not {self.perturb!r}")
-            keep = {"all": lambda q: True, "norm": lambda q: id(q) in norm_ids,
-                    "no-norm": lambda q: id(q) not in norm_ids}[self.perturb]
+            keep = self._keep()
             masks = [keep(q) for q in params]
             if not any(masks):
                 raise ValueError(f"perturb={self.perturb!r} selects no parameter of this model "
@@ -178,6 +212,12 @@ class SAM(torch.optim.Optimizer):
         pool_masks = {id(q): m.view(q.shape).to(device=q.device, dtype=q.dtype)
                       for q, m in zip(pool, flat.split([q.numel() for q in pool]))}
         return [pool_masks.get(id(q), False) for q in params]
+
+    def _keep(self) -> Callable[[torch.Tensor], bool]:
+        """Whether a parameter is perturbed, for the filters that take whole tensors."""
+        norm_ids = {id(q) for q in norm_parameters(self.model)} if self.model is not None else set()
+        return {"all": lambda q: True, "norm": lambda q: id(q) in norm_ids,
+                "no-norm": lambda q: id(q) not in norm_ids}[self.perturb]
 
     def perturbed_count(self) -> int:
         """How many coordinates the ascent step moves."""

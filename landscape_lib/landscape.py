@@ -149,6 +149,13 @@ def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
         missing = set(d) - set(center)
         if missing:
             raise KeyError(f"direction has keys the centre lacks: {sorted(missing)[:5]}")
+        for k, v in d.items():
+            if not center[k].is_floating_point() and bool(torch.as_tensor(v).any()):
+                raise ValueError(f"a direction moves {k!r}, an integer tensor ({center[k].dtype}) of the "
+                                 "centre: directions move floating-point weights only")
+    # zero entries for integer tensors move nothing: drop them (the loop's in-place adds refuse
+    # a float coefficient on an integer tensor)
+    directions = [{k: v for k, v in d.items() if center[k].is_floating_point()} for d in directions]
     device = next(iter(center.values())).device
     how = resolve_strategy(strategy, device, bn)
     if bn == "recompute" and bn_data is None:
@@ -299,16 +306,24 @@ def _evaluate_vmap(model, center, directions, coeffs, x, y, loss_fn, chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         buffers = dict(model.named_buffers())
-        dtype = next(iter(center.values())).dtype
-        device = next(iter(center.values())).device
         # one entry per tensor (tied names share one, as in the loop)
         groups, base, dirs = _by_tensor(model, center, directions)
+        # integer tensors of the centre (BatchNorm's num_batches_tracked in a state_dict) are
+        # held as they are, the same for every point, as the loop copies them
+        fixed = {k: v for k, v in base.items() if not v.is_floating_point()}
+        base = {k: v for k, v in base.items() if k not in fixed}
+        if not base:
+            raise ValueError("the centre has no floating-point tensor to move")
+        held = {k: fixed[g[0]] for g in groups if g[0] in fixed for k in g}
+        groups = [g for g in groups if g[0] in base]
+        dtype = next(iter(base.values())).dtype
+        device = next(iter(base.values())).device
         # D[k]: [n_dirs, *shape] (zeros where a direction leaves a tensor alone)
         stacked = {k: torch.stack([d[k] if k in d else torch.zeros_like(c) for d in dirs])
                    for k, c in base.items()}
 
         def logits(theta):
-            return functional_call(model, ({**buffers, **theta},), (x,), tie_weights=False)
+            return functional_call(model, ({**buffers, **held, **theta},), (x,), tie_weights=False)
 
         batched = vmap(logits)
         batched_loss = vmap(loss_fn, in_dims=(0, None))

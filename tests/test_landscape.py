@@ -570,3 +570,35 @@ def test_a_tied_weight_moves_as_one_tensor_in_lines_and_planes(strategy):
             point["0.weight"] = point["2.weight"] = (center["0.weight"] + a * d1["0.weight"]
                                                      + b * d2["2.weight"])
             assert sf.loss[j, i] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_a_state_dict_centre_with_integer_buffers(problem, strategy):
+    # a centre taken from state_dict() holds BatchNorm's int64 num_batches_tracked: it is held as
+    # it is at every point; the plane is the load_state_dict reference's
+    net, w, d1, d2, x, y = problem
+    center = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    assert any(not v.is_floating_point() for v in center.values())
+    a, b = np.array([-0.5, 0.0, 1.0]), np.array([0.25, -1.0])
+    s = landscape.plane(net, center, d1, d2, a, b, x, y, strategy=strategy)
+    for j, bb in enumerate(b):
+        for i, aa in enumerate(a):
+            point = {k: (v + aa * d1[k] + bb * d2[k]) if k in d1 else v for k, v in center.items()}
+            loss, acc = _manual(net, point, x, y)
+            assert s.loss[j, i] == pytest.approx(loss, rel=1e-5)
+            assert s.acc[j, i] == pytest.approx(acc)
+    # a direction cannot move an integer tensor, in either strategy
+    k = next(k for k, v in center.items() if not v.is_floating_point())
+    with pytest.raises(ValueError, match=f"a direction moves '{k}', an integer tensor"):
+        landscape.line(net, center, {**d1, k: torch.ones_like(center[k])}, [0.0, 1.0], x, y, strategy=strategy)
+    # an all-zero entry for it moves nothing and is accepted
+    zero = landscape.line(net, center, {**d1, k: torch.zeros_like(center[k])}, [1.0], x, y, strategy=strategy)
+    moved = {kk: (v + d1[kk]) if kk in d1 else v for kk, v in center.items()}
+    assert zero.loss[0] == pytest.approx(_manual(net, moved, x, y)[0], rel=1e-5)
+
+
+def test_vmap_needs_a_floating_point_tensor_to_move(problem):
+    net, _, _, _, x, y = problem
+    center = {k: v for k, v in net.state_dict().items() if not v.is_floating_point()}
+    with pytest.raises(ValueError, match="no floating-point tensor to move"):
+        landscape.line(net, center, {}, [0.0], x, y, strategy="vmap")

@@ -849,3 +849,146 @@ def test_auto_measures_the_first_chunk_with_two_chunks_too():
     op.mv(torch.ones(26, dtype=torch.float64))
     assert op.mode == "forward-over-reverse"
     assert op.auto_log == {"cached-graph": "the cached graphs would hold about 0 MiB, over the limit of 0 MiB"}
+
+
+# --- HVPOperator's bookkeeping: the cache's bytes, auto's log and errors, two chunks ---------------
+
+def test_constructor_messages_name_the_choices_and_the_first_five_keys():
+    model = tiny_mlp()
+    x, y = tiny_data()
+    with pytest.raises(ValueError) as err:
+        C.HVPOperator(model, x, y, bn="batch")
+    assert str(err.value) == "unknown bn mode 'batch'; valid choices: eval, train"
+    deep = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    w = {f"extra{i}": torch.zeros(1) for i in range(6)}
+    with pytest.raises(ValueError) as err:
+        C.HVPOperator(deep, x, y, weights=w)  # six unknown keys, six parameters: five of each shown
+    assert str(err.value) == ("weights has keys that are not parameters of the model: "
+                              "['extra0', 'extra1', 'extra2', 'extra3', 'extra4']; valid names include "
+                              "['0.weight', '0.bias', '2.weight', '2.bias', '4.weight']")
+
+
+def test_the_cached_graph_counts_its_saved_input_and_its_gradient():
+    # one point through a 1000 → 10 linear map: the graph keeps the input x (8 000 bytes, saved
+    # for ∂/∂W) and the gradient g = ∇_W L (80 000 bytes, held for every later product)
+    torch.manual_seed(0)
+    lin = nn.Linear(1000, 10, bias=False).double()
+    x, y = torch.randn(1, 1000, dtype=torch.float64), torch.tensor([3])
+    op = C.HVPOperator(lin, x, y, mode="cached-graph")
+    op.mv(torch.ones(10_000, dtype=torch.float64))
+    assert op.cache_bytes >= x.nbytes + lin.weight.nbytes
+    # and not much more: a few [1, 10] intermediates of the loss
+    assert op.cache_bytes <= x.nbytes + lin.weight.nbytes + 4096
+
+
+def test_auto_keeps_a_graph_exactly_at_the_limit_and_reports_mib_over_it():
+    torch.manual_seed(0)
+    lin = nn.Linear(1000, 100, bias=False).double()
+    x, y = torch.randn(1000, 1000, dtype=torch.float64), torch.randint(0, 100, (1000,))
+    v = torch.randn(100_000, dtype=torch.float64)
+    ref = C.HVPOperator(lin, x, y, mode="cached-graph")
+    want = ref.mv(v)
+    nbytes = ref.cache_bytes
+    assert nbytes >= x.nbytes  # ≥ 7.6 MiB, so the MiB figures below have digits to compare
+    at = C.HVPOperator(lin, x, y, cache_limit=nbytes)  # not over the limit: kept
+    torch.testing.assert_close(at.mv(v), want, rtol=1e-12, atol=0)
+    assert at.mode == "cached-graph" and at.auto_log == {}
+    short = C.HVPOperator(lin, x, y, cache_limit=nbytes - 2**21)
+    torch.testing.assert_close(short.mv(v), want, rtol=1e-9, atol=1e-12)
+    assert short.mode == "forward-over-reverse"
+    held, limit = round(nbytes / 2**20), round((nbytes - 2**21) / 2**20)
+    assert held - limit in (1, 2, 3)
+    assert short.auto_log == {
+        "cached-graph": f"the cached graph holds {held} MiB, over the limit of {limit} MiB"}
+
+
+class _Unsupported(nn.Module):
+    """A model whose forward always fails, with an error that says "no forward AD" (the kind
+    ``auto`` passes over) or another one."""
+
+    def __init__(self, exc):
+        super().__init__()
+        self.lin, self.exc = nn.Linear(3, 2).double(), exc
+
+    def forward(self, x):
+        raise self.exc
+
+
+FWD = "trying to use forward AD with boom that does not support it\nsecond line"
+
+
+def test_auto_logs_every_failed_mode_and_names_the_model_when_all_fail():
+    x, y = tiny_data()
+    op = C.HVPOperator(_Unsupported(NotImplementedError(FWD)), x, y)
+    first = "NotImplementedError: trying to use forward AD with boom that does not support it"
+    with pytest.raises(RuntimeError) as err:
+        op.mv(torch.ones(8, dtype=torch.float64))
+    assert str(err.value) == ("no Hessian-vector product for _Unsupported: "
+                              f"cached-graph failed ({first}); forward-over-reverse failed ({first}); "
+                              f"reverse-over-reverse failed ({first})")
+    assert op.auto_log == {m: first for m in C.AUTO_ORDER}
+    assert op.forward_ad_error == first and op._state == {}
+
+
+@pytest.mark.parametrize("mode", ["cached-graph", "forward-over-reverse", "reverse-over-reverse"])
+def test_only_forward_over_reverse_suggests_the_reverse_mode(mode):
+    x, y = tiny_data()
+    v = torch.ones(8, dtype=torch.float64)
+    with pytest.raises(NotImplementedError) as err:
+        C.HVPOperator(_Unsupported(NotImplementedError(FWD)), x, y, mode=mode).mv(v)
+    hint = ("\nHVPOperator: mode='reverse-over-reverse' (or 'auto') differentiates twice in reverse "
+            "mode instead")
+    assert str(err.value) == (FWD + hint if mode == "forward-over-reverse" else FWD)
+    # an error that is not about forward AD is raised as it is, in every mode
+    with pytest.raises(RuntimeError) as err:
+        C.HVPOperator(_Unsupported(RuntimeError("shapes do not match")), x, y, mode=mode).mv(v)
+    assert str(err.value) == "shapes do not match"
+
+
+@pytest.mark.parametrize("mode", ["cached-graph", "forward-over-reverse", "reverse-over-reverse"])
+def test_two_chunks_sum_to_the_dense_hessian(mode):
+    model = tiny_mlp()
+    x, y = tiny_data(n=8)
+    H = dense_hessian(model, x, y)
+    v = torch.linspace(-1, 1, 26, dtype=torch.float64)
+    op = C.HVPOperator(model, x, y, chunk_size=4, mode=mode)  # two chunks of 4
+    assert op._n_chunks() == 2
+    torch.testing.assert_close(op.mv(v), H @ v, rtol=1e-9, atol=1e-12)
+
+
+class _Counting(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.forwards = model, 0
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.model(x)
+
+
+def test_cached_graphs_of_two_chunks_are_built_once_per_weight_version():
+    model = _Counting(tiny_mlp())
+    x, y = tiny_data(n=8)
+    H = dense_hessian(model.model, x, y)
+    v = torch.linspace(-1, 1, 26, dtype=torch.float64)
+    op = C.HVPOperator(model, x, y, chunk_size=4, mode="cached-graph")
+    for _ in range(3):
+        torch.testing.assert_close(op.mv(v), H @ v, rtol=1e-9, atol=1e-12)
+    assert model.forwards == 2  # one forward per chunk, for the first product only
+    with torch.no_grad():
+        op.weights["model.0.weight"].mul_(1.0)  # an in-place write moves the version counter
+    op.mv(v)
+    assert model.forwards == 4
+
+
+@pytest.mark.parametrize("mode", ["cached-graph", "forward-over-reverse", "reverse-over-reverse"])
+def test_mv_casts_a_float32_vector_to_the_weights_dtype_in_every_mode(mode):
+    # a float32 vector on a float64 operator: the product is float64 and exact to rounding
+    # (float32 values are exact in float64), whichever mode computes it
+    model = tiny_mlp()
+    x, y = tiny_data()
+    H = dense_hessian(model, x, y)
+    v = torch.linspace(-1, 1, 26, dtype=torch.float32)
+    out = C.HVPOperator(model, x, y, mode=mode).mv(v)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, H @ v.double(), rtol=1e-12, atol=1e-15)

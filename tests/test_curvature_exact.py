@@ -900,6 +900,16 @@ def test_auto_keeps_a_graph_exactly_at_the_limit_and_reports_mib_over_it():
     assert held - limit in (1, 2, 3)
     assert short.auto_log == {
         "cached-graph": f"the cached graph holds {held} MiB, over the limit of {limit} MiB"}
+    # with two chunks the first chunk's graph is measured and the whole estimated before building
+    probe = C.HVPOperator(lin, x, y, chunk_size=500)._chunk_graph_bytes(dict(ref.weights))
+    assert probe >= x.nbytes // 2
+    chunked = C.HVPOperator(lin, x, y, chunk_size=500, cache_limit=2 * probe - 2**21)
+    torch.testing.assert_close(chunked.mv(v), want, rtol=1e-9, atol=1e-12)
+    assert chunked.mode == "forward-over-reverse" and chunked._state.keys() == {("forward-over-reverse", 0),
+                                                                              ("forward-over-reverse", 1)}
+    held, limit = round(2 * probe / 2**20), round((2 * probe - 2**21) / 2**20)
+    assert chunked.auto_log == {
+        "cached-graph": f"the cached graphs would hold about {held} MiB, over the limit of {limit} MiB"}
 
 
 class _Unsupported(nn.Module):

@@ -247,11 +247,12 @@ def init_film_(layer: nn.Module, init: str = "xavier", gain: float | None = None
 
 def _member_layer(module: nn.Module, members: int) -> nn.Module:
     """A member layer holding ``members`` copies of ``module``'s affine and statistics."""
-    dev = next(iter(module.parameters()), None)
-    dev = None if dev is None else dev.device
+    # device and dtype from the layer's own tensors (a layer without affine: its statistics)
+    ref = next(iter([*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]), None)
+    dev, dtype = (None, None) if ref is None else (ref.device, ref.dtype)
     if isinstance(module, _BatchNorm):
         new = MemberBatchNorm(members, module.num_features, module.eps, module.momentum,
-                              module.track_running_stats, device=dev)
+                              module.track_running_stats, device=dev, dtype=dtype)
         new.plain_type = type(module)
         with torch.no_grad():
             if module.affine:
@@ -263,9 +264,10 @@ def _member_layer(module: nn.Module, members: int) -> nn.Module:
                 new.num_batches_tracked.copy_(module.num_batches_tracked)
         return new
     if isinstance(module, nn.LayerNorm):
-        new = MemberLayerNorm(members, module.normalized_shape, module.eps, device=dev)
+        new = MemberLayerNorm(members, module.normalized_shape, module.eps, device=dev, dtype=dtype)
     else:
-        new = MemberGroupNorm(members, module.num_groups, module.num_channels, module.eps, device=dev)
+        new = MemberGroupNorm(members, module.num_groups, module.num_channels, module.eps, device=dev,
+                              dtype=dtype)
     with torch.no_grad():
         if getattr(module, "weight", None) is not None:
             new.weight.copy_(module.weight.expand_as(new.weight))

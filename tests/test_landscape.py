@@ -600,5 +600,16 @@ def test_a_state_dict_centre_with_integer_buffers(problem, strategy):
 def test_vmap_needs_a_floating_point_tensor_to_move(problem):
     net, _, _, _, x, y = problem
     center = {k: v for k, v in net.state_dict().items() if not v.is_floating_point()}
-    with pytest.raises(ValueError, match="no floating-point tensor to move"):
+    with pytest.raises(ValueError, match=r"^the centre has no floating-point tensor to move$"):
         landscape.line(net, center, {}, [0.0], x, y, strategy="vmap")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_a_direction_naming_both_aliases_moves_the_tied_weight_by_their_sum(strategy):
+    # d names the tied weight as 0.weight (a) and as 2.weight (b): the shared tensor moves by a + b
+    net, center, x, y = tied_net(20)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
+    ln = landscape.line(net, center, {"0.weight": a, "2.weight": b}, [1.0], x, y, strategy=strategy)
+    point = {**center, "0.weight": center["0.weight"] + a + b, "2.weight": center["0.weight"] + a + b}
+    assert ln.loss[0] == pytest.approx(_manual(net, point, x, y)[0], rel=1e-5)

@@ -154,3 +154,16 @@ def test_messages_in_full():
     # 2-D logits are refused even when their second size matches the labels
     with pytest.raises(ValueError, match=r"need member logits \[M, B, K\]"):
         film.ensemble_loss(torch.randn(3, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_conversion_keeps_dtype_statistics_choice_and_layers_without_tensors():
+    f64 = torch.float64
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.GroupNorm(2, 4),
+                        nn.BatchNorm1d(4, track_running_stats=False),
+                        nn.LayerNorm(4, elementwise_affine=False)).to(f64)
+    conv = film.convert(net, 2, init="copy")
+    for i in (1, 2, 3):
+        assert conv[i].weight.dtype == f64 and conv[i].bias.dtype == f64
+    assert conv[3].running_mean is None and not conv[3].track_running_stats
+    assert isinstance(conv[4], film.MemberLayerNorm)  # no tensor of its own: the default dtype, γ = 1, β = 0
+    assert torch.equal(conv[4].weight, torch.ones(2, 4)) and torch.equal(conv[4].bias, torch.zeros(2, 4))

@@ -54,6 +54,7 @@ the loss.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Iterable
 
@@ -248,7 +249,8 @@ def init_film_(layer: nn.Module, init: str = "xavier", gain: float | None = None
 def _member_layer(module: nn.Module, members: int) -> nn.Module:
     """A member layer holding ``members`` copies of ``module``'s affine and statistics."""
     # device and dtype from the layer's own tensors (a layer without affine: its statistics)
-    ref = next(iter([*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]), None)
+    ref = next(itertools.chain(module.parameters(), (b for b in module.buffers() if b.is_floating_point())),
+               None)
     dev, dtype = (None, None) if ref is None else (ref.device, ref.dtype)
     if isinstance(module, _BatchNorm):
         new = MemberBatchNorm(members, module.num_features, module.eps, module.momentum,

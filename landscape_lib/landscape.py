@@ -150,7 +150,7 @@ def evaluate(model: nn.Module, center: Weights, directions: Sequence[Weights],
         if missing:
             raise KeyError(f"direction has keys the centre lacks: {sorted(missing)[:5]}")
         for k, v in d.items():
-            if not center[k].is_floating_point() and bool(torch.as_tensor(v).any()):
+            if not center[k].is_floating_point() and bool(v.any()):
                 raise ValueError(f"a direction moves {k!r}, an integer tensor ({center[k].dtype}) of the "
                                  "centre: directions move floating-point weights only")
     # zero entries for integer tensors move nothing: drop them (the loop's in-place adds refuse

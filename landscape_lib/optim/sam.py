@@ -178,8 +178,8 @@ class SAM(torch.optim.Optimizer):
                              "module itself as params): biases are told apart by module")
         super().add_param_group(param_group)
         if constructed:
-            added = self.param_groups[-1]["params"]
-            self._masks.extend(self._keep()(q) for q in added)
+            added, keep = self.param_groups[-1]["params"], self._keep()
+            self._masks.extend(keep(q) for q in added)
             self._is_bias.extend(id(q) in self._bias_ids for q in added)
 
     # --- which coordinates move -----------------------------------------------------------
